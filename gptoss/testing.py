@@ -26,7 +26,7 @@ PRESETS: dict[str, ModelConfig] = {
     # tiny keeps the real vocabulary (so harmony's tokens exist) and shrinks everything else
     "tiny": ModelConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                        sliding_window=8, max_position_embeddings=4096, rope_original_max_position=256),
+                        sliding_window=8, max_position_embeddings=8192, rope_original_max_position=256),
 }
 
 

@@ -1,0 +1,142 @@
+"""`gptoss bench`: latency (batch-1 decode, TTFT) and throughput (output tokens/s at a concurrency),
+printed as one table with the device, the settings and every figure.
+
+Prompts are random token ids, different for every run, so the prefix cache cannot help; outputs
+ignore EOS so every request generates exactly its output length. Figures are medians over runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class BenchResult:
+    name: str
+    value: float
+    unit: str
+    detail: str = ""
+
+
+def _prompts(rng: random.Random, n: int, length: int) -> list[dict]:
+    return [{"prompt_token_ids": [rng.randrange(199998) for _ in range(length)]} for _ in range(n)]
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure_decode(llm, rng, output_len: int, runs: int, prompt_len: int = 64) -> tuple[float, float]:
+    """Batch-1 decode: (median tokens/s after the first token, median ms per token)."""
+    rates = []
+    for _ in range(runs):
+        sp = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+        stamps = []
+        for _out in llm.generate_stream(_prompts(rng, 1, prompt_len)[0], sp):
+            _sync()
+            stamps.append(time.perf_counter())
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    r = statistics.median(rates)
+    return r, 1000 / r
+
+
+def measure_ttft(llm, rng, prompt_len: int, runs: int) -> float:
+    """Median ms from submitting a prompt to its first token (batch 1, cold prefix cache)."""
+    times = []
+    for _ in range(runs):
+        sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+        p = _prompts(rng, 1, prompt_len)[0]
+        _sync()
+        t0 = time.perf_counter()
+        llm.generate(p, sp, use_tqdm=False)
+        _sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def measure_throughput(llm, rng, concurrency: int, input_len: int, output_len: int, runs: int) -> float:
+    """Median output tokens/s with `concurrency` requests in flight from start to end."""
+    rates = []
+    for _ in range(runs):
+        sp = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+        prompts = _prompts(rng, concurrency, input_len)
+        _sync()
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        _sync()
+        dt = time.perf_counter() - t0
+        rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
+    return statistics.median(rates)
+
+
+def copy_bandwidth_tbs() -> float | None:
+    """Device-to-device copy bandwidth in TB/s (bytes read + written), the roofline's denominator."""
+    if not torch.cuda.is_available():
+        return None
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    _sync()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * x.numel() / statistics.median(times) / 1e12
+
+
+def decode_bytes_per_token(llm) -> int:
+    """Weights one batch-1 decode step must read: attention + router + top-k experts + unembedding."""
+    mc = llm.model_config
+    H, E, k, I = mc.hidden_size, mc.num_local_experts, mc.num_experts_per_tok, mc.intermediate_size
+    q, kv = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
+    el = llm.engine.dtype.itemsize
+    attn = (H * (q + 2 * kv) + q * H) * el + E * H * el
+    # MXFP4: half a byte per weight plus one scale byte per 32 weights
+    expert = (2 * I * H + H * I) * (0.5 + 1 / 32) + (2 * I + H) * el
+    return int(mc.num_hidden_layers * (attn + k * expert) + mc.vocab_size * H * el)
+
+
+def run_bench(llm, *, output_len: int, ttft_prompt_len: int, concurrencies: list[int], input_len: int,
+              throughput_output_len: int, runs: int, seed: int = 0, modes=("latency", "throughput")) -> list[BenchResult]:
+    rng = random.Random(seed)
+    # warm up: compiles kernels and captures graphs outside the timings
+    llm.generate(_prompts(rng, 2, 16), SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    res: list[BenchResult] = []
+    if "latency" in modes:
+        rate, ms = measure_decode(llm, rng, output_len, runs)
+        bw = copy_bandwidth_tbs()
+        detail = f"{ms:.2f} ms/token"
+        if bw:
+            floor_ms = decode_bytes_per_token(llm) / (bw * 1e12) * 1000
+            detail += f", floor {floor_ms:.2f} ms ({100 * floor_ms / ms:.0f}% of roofline, copy {bw:.2f} TB/s)"
+        res.append(BenchResult("decode batch 1", rate, "tok/s", detail))
+        res.append(BenchResult(f"TTFT {ttft_prompt_len}-token prompt", measure_ttft(llm, rng, ttft_prompt_len, runs),
+                               "ms", "batch 1, cold cache"))
+    if "throughput" in modes:
+        for c in concurrencies:
+            tps = measure_throughput(llm, rng, c, input_len, throughput_output_len, runs)
+            res.append(BenchResult(f"throughput c={c}", tps, "out tok/s",
+                                   f"{input_len} in / {throughput_output_len} out"))
+    return res
+
+
+def format_table(llm, results: list[BenchResult], settings: dict) -> str:
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    head = [f"gptoss bench  {datetime.date.today()}  device: {dev}",
+            "settings: " + ", ".join(f"{k}={v}" for k, v in settings.items())]
+    w = max(len(r.name) for r in results)
+    rows = [f"{'figure':{w}s}  {'value':>12s}  unit       detail", "-" * (w + 60)]
+    rows += [f"{r.name:{w}s}  {r.value:12.1f}  {r.unit:9s}  {r.detail}" for r in results]
+    return "\n".join(head + rows)

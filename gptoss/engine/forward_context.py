@@ -1,0 +1,45 @@
+"""Per-step attention metadata, set once per forward so the model keeps forward(input_ids, positions)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    query_start_loc: torch.Tensor   # int32 [B+1]: where each sequence's new tokens start in the batch
+    seq_lens: torch.Tensor          # int32 [B]: context length after this step (cached + new)
+    block_tables: torch.Tensor      # int32 [B, max_blocks]: KV block ids of each sequence
+    slot_mapping: torch.Tensor      # int64 [T]: cache slot (block * block_size + offset) of each new token
+    max_query_len: int
+    max_seq_len: int
+    logits_indices: torch.Tensor    # int64 [S]: rows of the hidden states that get unembedded
+    query_lens_cpu: list[int] = field(default_factory=list)   # host copies for the torch paths
+    seq_lens_cpu: list[int] = field(default_factory=list)
+    kv_caches: list | None = None   # per layer (k_cache, v_cache[, k_scale, v_scale])
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+_CTX: ForwardContext | None = None
+
+
+def get_forward_context() -> ForwardContext:
+    if _CTX is None:
+        raise RuntimeError("no forward context: the model runs inside set_forward_context(...)")
+    return _CTX
+
+
+@contextlib.contextmanager
+def set_forward_context(ctx: ForwardContext):
+    global _CTX
+    prev, _CTX = _CTX, ctx
+    try:
+        yield ctx
+    finally:
+        _CTX = prev

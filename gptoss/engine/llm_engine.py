@@ -1,0 +1,228 @@
+"""The engine: loads the model, sizes the KV cache, and steps scheduler -> runner -> stop checks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import EngineConfig, ModelConfig
+from ..model.gpt_oss import Transformer
+from ..model.weights import CheckpointError, load_weights, resolve_model_path
+from ..moe import get_moe_backend
+from ..outputs import CompletionOutput, Logprob, RequestOutput
+from ..sampling_params import SamplingParams
+from ..tokenizer import decode
+from .kv_cache import BlockPool, allocate_kv_caches, kv_bytes_per_token
+from .model_runner import ModelRunner
+from .request import Request
+from .scheduler import Scheduler
+
+log = logging.getLogger("gptoss")
+
+FIRST_SPECIAL_TOKEN = 199998  # o200k_harmony: ids from here up are special tokens
+CPU_KV_BYTES = 256 << 20
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'")
+    return torch.device(name)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.config = config
+        self.device = _pick_device(config.device)
+        root = resolve_model_path(config.model, config.revision)
+        if not (root / "config.json").exists():
+            raise CheckpointError(f"{root} has no config.json")
+        self.model_config = mc = ModelConfig.from_json(root / "config.json")
+        self.eos_token_ids = tuple(_generation_eos(root, mc))
+        if config.dtype == "auto":
+            self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = _DTYPES[config.dtype]
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={mc.max_position_embeddings}")
+        if config.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not available yet; use 1")
+        backend_cls = get_moe_backend(config.moe_backend, self.device, mc)
+        self.moe_backend = backend_cls.name
+        self.model = Transformer(mc, self.dtype, self.device, self.max_model_len)
+        load_weights(self.model, root, progress=progress)
+        self.model.bind_moe_backend(backend_cls)
+        self.kv_fp8 = config.kv_cache_dtype == "fp8"
+        self.block_size = config.block_size
+        self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
+        num_blocks = self._size_kv_cache()
+        self.pool = BlockPool(num_blocks, self.block_size, config.enable_prefix_caching)
+        self.num_computed_tokens_total = 0  # tokens run through the model, over the engine's life
+        kv = allocate_kv_caches(mc.num_hidden_layers, num_blocks, self.block_size, mc.num_key_value_heads,
+                                mc.head_dim, self.dtype, self.kv_fp8, self.device)
+        self.runner = ModelRunner(self.model, kv, self.block_size, self.device, config.seed)
+        self.scheduler = Scheduler(self.pool, config.max_num_seqs, self.max_num_batched_tokens)
+        self._ids = itertools.count()
+        self.driven_by_async = False  # set while an AsyncLLM steps this engine in its thread
+
+    # --- setup -----------------------------------------------------------------------------------
+    def _size_kv_cache(self) -> int:
+        mc, cfg = self.model_config, self.config
+        per_token = kv_bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+                                       self.kv_fp8, self.dtype.itemsize)
+        if cfg.kv_cache_memory_bytes is not None:
+            budget = cfg.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            budget = self._profile_free_memory()
+        else:
+            # a modest fixed size on CPU, no more than the longest batch could use
+            budget = min(CPU_KV_BYTES, per_token * cfg.max_num_seqs * (self.max_model_len + self.block_size))
+        num_blocks = budget // (per_token * self.block_size) + 1  # + the null block
+        if num_blocks < 2:
+            raise ValueError(f"the KV cache budget of {budget} bytes holds no {self.block_size}-token "
+                             f"block ({per_token * self.block_size} bytes); raise gpu_memory_utilization "
+                             f"or kv_cache_memory_bytes")
+        return int(num_blocks)
+
+    def _profile_free_memory(self) -> int:
+        """What gpu_memory_utilization leaves after the weights and the activations of the largest
+        step (measured with one forward on a 2-block cache)."""
+        mc = self.model_config
+        kv = allocate_kv_caches(mc.num_hidden_layers, 2, self.block_size, mc.num_key_value_heads,
+                                mc.head_dim, self.dtype, self.kv_fp8, self.device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        ModelRunner(self.model, kv, self.block_size, self.device).profile_run(
+            self.max_num_batched_tokens, self.config.max_num_seqs)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del kv
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        budget = int(total * self.config.gpu_memory_utilization) - peak - max(used_by_others, 0)
+        if budget <= 0:
+            raise ValueError(f"gpu_memory_utilization={self.config.gpu_memory_utilization} leaves no room for "
+                             f"the KV cache (weights + activations peak at {peak / 2**30:.1f} GiB of "
+                             f"{total / 2**30:.1f} GiB)")
+        return budget
+
+    # --- requests --------------------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> list[Request]:
+        """Queue one prompt; returns its n Requests (one per sample)."""
+        rid = request_id if request_id is not None else str(next(self._ids))
+        n_prompt = len(prompt_token_ids)
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        capacity = self.pool.num_usable_blocks * self.block_size
+        limit = min(self.max_model_len, capacity)
+        if n_prompt >= self.max_model_len:
+            raise ValueError(f"the prompt has {n_prompt} tokens; max_model_len={self.max_model_len} leaves "
+                             f"no room to generate (prompt + output must fit in max_model_len)")
+        if n_prompt >= capacity:
+            raise ValueError(f"the prompt has {n_prompt} tokens but the KV cache holds only {capacity}; "
+                             f"give the engine more KV memory")
+        reqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed((params.seed + i) % 2**64)
+            req = Request(f"{rid}-{i}" if params.n > 1 else rid, list(prompt_token_ids), params, parent_id=rid,
+                          index=i, eos_token_ids=self.eos_token_ids, max_total_tokens=limit, generator=gen,
+                          logprobs=[] if params.logprobs is not None else None)
+            self.scheduler.add(req)
+            reqs.append(req)
+        return reqs
+
+    def abort(self, request_ids) -> None:
+        for rid in request_ids:
+            req = self.scheduler.requests.get(rid)
+            if req is not None:
+                self.scheduler.finish(req, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Request]:
+        """Run one batch; returns the requests that produced a token (finished ones included)."""
+        out = self.scheduler.schedule()
+        if not out.requests:
+            if self.scheduler.running or self.scheduler.waiting:
+                raise RuntimeError("the scheduler could not schedule any request (KV cache too small?)")
+            return []
+        samplers, sampled = self.runner.execute(out)
+        for req in out.requests:
+            req.num_computed_tokens += out.num_scheduled_tokens[req.request_id]
+            self.pool.cache_full_blocks(req)
+            self.num_computed_tokens_total += out.num_scheduled_tokens[req.request_id]
+        for i, req in enumerate(samplers):
+            self._append_token(req, sampled.token_ids[i], sampled.logprobs[i])
+        return samplers
+
+    # --- stop checks -----------------------------------------------------------------------------
+    def _append_token(self, req: Request, token: int, logprobs) -> None:
+        p = req.params
+        req.output_token_ids.append(token)
+        if req.logprobs is not None and logprobs is not None:
+            req.logprobs.append({t: Logprob(lp, rank, decode([t])) for t, (lp, rank) in logprobs.items()})
+        new_text = ""
+        if token < FIRST_SPECIAL_TOKEN or not p.skip_special_tokens:
+            new_text = req.detok.add([token])
+            req.text += new_text
+        n_out = len(req.output_token_ids)
+        may_stop = n_out >= p.min_tokens
+        if may_stop and token in req.eos_token_ids and not p.ignore_eos:
+            return self.scheduler.finish(req, "stop", None)
+        if may_stop and token in p.stop_token_ids:
+            return self.scheduler.finish(req, "stop", token)
+        if may_stop and p.stop and new_text:
+            # a stop string may straddle the previous text: search the tail it could start in
+            longest = max(len(s) for s in p.stop)
+            tail_start = max(0, len(req.text) - len(new_text) - longest + 1)
+            hits = [(req.text.find(s, tail_start), s) for s in p.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                idx, s = min(hits)
+                req.text = req.text[:idx]  # the stop string is not part of the output
+                return self.scheduler.finish(req, "stop", s)
+        if n_out >= req.max_output_tokens:
+            return self.scheduler.finish(req, "length", None)
+
+    # --- outputs ---------------------------------------------------------------------------------
+    @staticmethod
+    def completion(req: Request) -> CompletionOutput:
+        return CompletionOutput(req.index, req.text, list(req.output_token_ids), req.finish_reason,
+                                req.stop_reason, req.logprobs)
+
+    def request_output(self, reqs: list[Request], prompt: str | None) -> RequestOutput:
+        first = reqs[0]
+        return RequestOutput(first.parent_id, prompt, list(first.prompt_token_ids),
+                             [self.completion(r) for r in reqs], all(r.finished for r in reqs),
+                             first.num_cached_tokens)
+
+
+def _generation_eos(root: Path, mc: ModelConfig) -> list[int]:
+    """EOS ids: the config's, plus generation_config.json's when present (<|return|>, <|call|>, ...)."""
+    ids = list(mc.eos_token_ids)
+    gen = root / "generation_config.json"
+    if gen.exists():
+        try:
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            ids += e if isinstance(e, list) else ([e] if e is not None else [])
+        except ValueError:
+            log.warning("ignoring unreadable %s", gen)
+    return sorted(set(ids))

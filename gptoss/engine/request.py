@@ -1,0 +1,65 @@
+"""One sequence being generated: its tokens, progress counters, KV blocks and stop state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sampling_params import SamplingParams
+from ..tokenizer import IncrementalDetokenizer
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    parent_id: str = ""       # the user's request id (n > 1 makes one Request per sample)
+    index: int = 0            # which of the n samples
+    eos_token_ids: tuple[int, ...] = ()
+    max_total_tokens: int = 0  # max_model_len
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    status: RequestStatus = RequestStatus.WAITING
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list = field(default_factory=list)  # (hash, tokens) of each full block, by the pool
+    generator: torch.Generator | None = None
+    detok: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list | None = None
+    num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def max_output_tokens(self) -> int:
+        room = self.max_total_tokens - self.num_prompt_tokens
+        mt = self.params.max_tokens
+        return room if mt is None else min(mt, room)

@@ -1,0 +1,106 @@
+"""Token choice on the device: penalties, temperature, top-k / top-p / min-p, seeded sampling, logprobs.
+
+Sampling uses the exponential race (argmax of p / q with q ~ Exp(1)), drawing q from the request's
+own generator when it has a seed, so a seeded request samples the same tokens whatever else is in
+the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .request import Request
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[dict[int, tuple[float, int]] | None]  # {token: (logprob, rank)} per row
+
+
+def _penalize(logits: torch.Tensor, reqs: list[Request]) -> None:
+    V = logits.shape[-1]
+    for i, r in enumerate(reqs):
+        p = r.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(V, dtype=torch.bool, device=logits.device)
+            seen[torch.tensor(r.all_token_ids, device=logits.device)] = True
+            row = logits[i]
+            row[seen] = torch.where(row[seen] > 0, row[seen] / p.repetition_penalty,
+                                    row[seen] * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
+            counts = torch.bincount(torch.tensor(r.output_token_ids, device=logits.device), minlength=V)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+
+
+def _ban_stops_before_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> None:
+    for i, r in enumerate(reqs):
+        if len(r.output_token_ids) < r.params.min_tokens:
+            banned = list(r.eos_token_ids) + list(r.params.stop_token_ids)
+            if banned:
+                logits[i, torch.tensor(banned, device=logits.device)] = float("-inf")
+
+
+def _truncate(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks; rows are processed in one batch."""
+    dev = logits.device
+    temp = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs], device=dev).unsqueeze(1)
+    logits = logits / temp
+    top_k = [r.params.top_k for r in reqs]
+    if any(k > 0 for k in top_k):
+        V = logits.shape[-1]
+        k = torch.tensor([k if k > 0 else V for k in top_k], device=dev).clamp(max=V)
+        kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
+    if (top_p < 1).any():
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, idx, sorted_logits)
+    min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
+    if (min_p > 0).any():
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, reqs: list[Request], default_generator: torch.Generator | None = None
+           ) -> SamplerOutput:
+    """logits [S, V] fp32 (one row per request that samples this step)."""
+    raw = logits
+    logits = logits.clone()
+    _penalize(logits, reqs)
+    _ban_stops_before_min_tokens(logits, reqs)
+    greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
+    chosen = logits.argmax(-1)
+    if not bool(greedy.all()):
+        probs = _truncate(logits, reqs).softmax(-1)
+        q = torch.empty_like(probs)
+        for i, r in enumerate(reqs):
+            if not r.params.greedy:
+                q[i].exponential_(generator=r.generator or default_generator)
+        sampled = (probs / q).argmax(-1)
+        chosen = torch.where(greedy, chosen, sampled)
+    token_ids = chosen.tolist()
+    want = [r.params.logprobs for r in reqs]
+    logprobs: list = [None] * len(reqs)
+    if any(w is not None for w in want):
+        # logprobs of the model's own distribution (before penalties and truncation), as vLLM returns
+        lp = torch.log_softmax(raw, dim=-1)
+        k = max(w or 0 for w in want)
+        top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
+        tok_lp = lp.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        ranks = (lp > tok_lp.unsqueeze(1)).sum(-1) + 1
+        for i, w in enumerate(want):
+            if w is None:
+                continue
+            d = {token_ids[i]: (float(tok_lp[i]), int(ranks[i]))}
+            for j in range(w):
+                d.setdefault(int(top_ids[i, j]), (float(top_vals[i, j]), j + 1))
+            logprobs[i] = d
+    return SamplerOutput(token_ids, logprobs)

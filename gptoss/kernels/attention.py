@@ -1,0 +1,190 @@
+"""Paged attention: write K/V into the cache, attend over it. Triton on CUDA, the torch twin on CPU.
+
+Cache layout per layer (the engine allocates it): k_cache / v_cache [num_blocks, block_size,
+num_kv_heads, head_dim] in the model dtype or torch.float8_e4m3fn; an fp8 cache also carries
+k_scale / v_scale float32 [num_blocks, block_size, num_kv_heads] (one scale per token and head,
+amax / 448, set when the token is written). docs/kv_cache.md has the design and the measured errors.
+
+`paged_attention` takes a prefill kernel (query tiles over variable-length sequences that may start
+after a cached prefix: prefill and chunked prefill alike) when any sequence brings more than one
+token, else a decode kernel that splits long contexts over several programs and merges them.
+Nothing here syncs with the device: seq_lens etc. stay on it, max_* are host ints.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import attention_triton as _k
+from .attention_torch import paged_attention_torch, write_kv_torch
+
+# the interpreter (TRITON_INTERPRET=1 before this module was imported) runs the kernels on CPU tensors
+INTERPRETED = type(_k._decode_kernel).__name__ == "InterpretedFunction"
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """Kernel tiles and launch options; the defaults are tuned on H100 (benchmarks/bench_attention.py)."""
+    prefill_block_m: int = 128
+    prefill_block_n: int = 64
+    prefill_num_warps: int = 4
+    prefill_num_stages: int = 3
+    decode_block_n: int = 64
+    decode_num_warps: int = 4
+    decode_num_stages: int = 3
+    decode_num_splits: int | None = None   # None: enough programs to fill the GPU (_num_splits)
+    decode_min_split: int = 512            # fewest keys worth a split of their own
+
+
+DEFAULT_OPTIONS = AttentionOptions()
+
+
+def _uses_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda or INTERPRETED
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale) -> bool:
+    """Validates the cache pair; returns whether it is fp8 (and then has its scales)."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)}: expected the "
+                         "same [num_blocks, block_size, num_kv_heads, head_dim] layout")
+    if k_cache.dtype != v_cache.dtype or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache need one dtype and a contiguous head_dim")
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if fp8 != (k_scale is not None) or (k_scale is None) != (v_scale is None):
+        raise ValueError("an fp8 cache needs k_scale and v_scale; a bf16/fp16 cache takes neither")
+    if fp8:
+        want = tuple(k_cache.shape[:3])
+        for s in (k_scale, v_scale):
+            if tuple(s.shape) != want or s.dtype != torch.float32 or s.stride(-1) != 1:
+                raise ValueError(f"fp8 scales must be float32 {want} with a contiguous last dim")
+        if k_scale.stride() != v_scale.stride():
+            raise ValueError("k_scale and v_scale need the same strides")
+    d = k_cache.shape[-1]
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim {d} must be a power of two >= 16")
+    return fp8
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """k, v [T, Hkv, D] into the cache at slot_mapping [T] (block * block_size + offset; < 0 skips).
+
+    fp8 caches: each token-head row gets the scale s = amax(|row|) / 448, stored in k_scale / v_scale,
+    and codes = fp8(x / s), rounded to nearest even (bit-exact with write_kv_torch).
+    """
+    fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
+    T, H, D = k.shape
+    if v.shape != k.shape or tuple(k_cache.shape[2:]) != (H, D) or slot_mapping.shape != (T,):
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)}, slot_mapping {tuple(slot_mapping.shape)} "
+                         f"do not fit the cache {tuple(k_cache.shape)}")
+    if not _uses_triton(k):
+        write_kv_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        return
+    if T == 0:
+        return
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("k and v need a contiguous head_dim")
+    ks = k_scale if fp8 else k_cache  # placeholders; FP8=False never touches them
+    vs = v_scale if fp8 else v_cache
+    ss = k_scale.stride() if fp8 else (0, 0, 0)
+    _k._write_kv_kernel[(T,)](
+        k, v, k_cache, v_cache, ks, vs, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), ss[0], ss[1],
+        k_cache.shape[1],
+        H=H, D=D, BLOCK_H=triton.next_power_of_2(H), FP8=fp8, num_warps=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits so that they get exercised
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(batch: int, num_kv_heads: int, span: int, device: torch.device, opts: AttentionOptions) -> int:
+    """Splits of the context per (sequence, KV head): about two waves of programs, each >= min_split keys."""
+    if opts.decode_num_splits is not None:
+        return max(1, opts.decode_num_splits)
+    want = triton.cdiv(2 * _sm_count(device), batch * num_kv_heads)
+    return max(1, min(want, triton.cdiv(span, opts.decode_min_split)))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                    max_query_len: int, max_seq_len: int, sinks: torch.Tensor, sm_scale: float,
+                    window: int | None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None,
+                    options: AttentionOptions | None = None) -> torch.Tensor:
+    """q [T, Hq, D], the new tokens of B sequences packed -> out [T, Hq, D] in q's dtype.
+
+    block_tables int32 [B, max_blocks]; query_start_loc int32 [B + 1]; seq_lens int32 [B] (cached +
+    new); each sequence's new tokens are its last positions. Causal; `window` (None or <= 0: off)
+    keeps the last `window` keys, the query's own included; sinks [Hq] join the softmax denominator.
+    max_query_len / max_seq_len bound query_lens / seq_lens (host ints: no device sync here).
+    """
+    fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
+    T, Hq, D = q.shape
+    NB, BS, Hkv, Dc = k_cache.shape
+    B = seq_lens.shape[0]
+    if Dc != D or Hq % Hkv or sinks.shape != (Hq,) or query_start_loc.shape != (B + 1,):
+        raise ValueError(f"q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, sinks {tuple(sinks.shape)}, "
+                         f"query_start_loc {tuple(query_start_loc.shape)} for {B} sequences do not fit")
+    window = int(window) if window is not None and window > 0 else 0
+    if not _uses_triton(q):
+        qsl = query_start_loc.tolist()
+        return paged_attention_torch(q, k_cache, v_cache, block_tables, [b - a for a, b in zip(qsl, qsl[1:])],
+                                     seq_lens.tolist(), sinks, sm_scale, window or None, k_scale, v_scale)
+    if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("q and block_tables need a contiguous last dim")
+    opts = options or DEFAULT_OPTIONS
+    out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
+    if T == 0 or B == 0:
+        return out
+    group = Hq // Hkv
+    ks = k_scale if fp8 else k_cache  # placeholders when FP8=False
+    vs = v_scale if fp8 else v_cache
+    ss = k_scale.stride() if fp8 else (0, 0, 0)
+    qk_scale = float(sm_scale) * _k.LOG2E
+    dot_fp32 = INTERPRETED  # the interpreter's tl.dot on bf16 returns garbage
+    cache_args = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), ss[0], ss[1])
+    if max_query_len > 1:
+        bm = opts.prefill_block_m
+        num_m = triton.cdiv(max_query_len, bm)
+        _k._prefill_kernel[(Hq, num_m, B)](
+            q, k_cache, v_cache, ks, vs, block_tables, query_start_loc, seq_lens, sinks, out,
+            qk_scale, window,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+            *cache_args, num_m,
+            BLOCK_SIZE=BS, GROUP=group, D=D, BLOCK_M=bm, BLOCK_N=opts.prefill_block_n, FP8=fp8,
+            USE_WINDOW=window > 0, DOT_FP32=dot_fp32,
+            num_warps=opts.prefill_num_warps, num_stages=opts.prefill_num_stages)
+        return out
+    span = min(max_seq_len, window) if window else max_seq_len
+    splits = _num_splits(B, Hkv, span, q.device, opts)
+    if splits > 1:
+        part_m = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out  # unused
+    _k._decode_kernel[(Hkv, B, splits)](
+        q, k_cache, v_cache, ks, vs, block_tables, query_start_loc, seq_lens, sinks, out,
+        part_m, part_l, part_acc, qk_scale, window, splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        *cache_args,
+        BLOCK_SIZE=BS, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=D,
+        BLOCK_N=opts.decode_block_n,
+        FP8=fp8, USE_WINDOW=window > 0, SPLIT=splits > 1, DOT_FP32=dot_fp32,
+        num_warps=opts.decode_num_warps, num_stages=opts.decode_num_stages)
+    if splits > 1:
+        _k._decode_combine_kernel[(B, Hq)](
+            part_m, part_l, part_acc, query_start_loc, sinks, out, splits, out.stride(0), out.stride(1),
+            D=D, BLOCK_S=triton.next_power_of_2(splits), num_warps=2)
+    return out

@@ -1,0 +1,278 @@
+"""@triton.jit bodies of the paged-attention kernels; the wrappers live in attention.py.
+
+Softmax runs in base 2: scores are scaled by sm_scale * log2(e) and sinks by log2(e). fp8 caches hold
+codes whose value is code * scale (one float32 scale amax / 448 per token and head): the codes go
+into tl.dot converted to the query dtype (exact), the K scale multiplies the score columns and the
+V scale the probability columns, so no tile is ever dequantized element by element.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fp8_scale(amax):
+    # amax / 448, IEEE-rounded like torch's division (bit-exact twin: attention_torch.fp8_scale_torch)
+    return tl.maximum(tl.math.div_rn(amax, 448.0), 1.1754943508222875e-38)
+
+
+@triton.jit
+def _round_e4m3(x):
+    # x (|x| <= 448) rounded to the float8_e4m3fn grid, ties to even, in fp32, so that the cast that
+    # follows is exact. The hardware cast rounds the same way; Triton's interpreter does not (it
+    # rounds ties up and drops the carry into the exponent: 31.6 -> 16), and one path serves both.
+    bits = x.to(tl.int32, bitcast=True)
+    mbits = bits & 0x7FFFFFFF
+    normal = (mbits + 0x7FFFF + ((mbits >> 20) & 1)) & -1048576  # keep 3 mantissa bits
+    mag = tl.abs(x)
+    sub = (((mag * 512.0 + 12582912.0) - 12582912.0) * (1.0 / 512.0)).to(tl.int32, bitcast=True)
+    r = tl.where(mag < 0.015625, sub, normal) | (bits & -2147483648)  # subnormals: multiples of 2^-9
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
+                     block_size,
+                     H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // block_size
+        off = slot % block_size
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, D)
+        hmask = h < H
+        mask = hmask[:, None]
+        k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask, other=0.0)
+        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
+        dst = blk * stride_cb + off * stride_ct + h[:, None] * stride_ch + d[None, :]  # [BLOCK_H, D]
+        if FP8:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            sk = _fp8_scale(tl.max(tl.abs(k), axis=1))  # [BLOCK_H]
+            sv = _fp8_scale(tl.max(tl.abs(v), axis=1))
+            kq = _round_e4m3(tl.clamp(tl.math.div_rn(k, sk[:, None]), -448.0, 448.0))
+            vq = _round_e4m3(tl.clamp(tl.math.div_rn(v, sv[:, None]), -448.0, 448.0))
+            tl.store(kc_ptr + dst, kq.to(kc_ptr.dtype.element_ty), mask=mask)
+            tl.store(vc_ptr + dst, vq.to(vc_ptr.dtype.element_ty), mask=mask)
+            sdst = blk * stride_sb + off * stride_st + h
+            tl.store(ks_ptr + sdst, sk, mask=hmask)
+            tl.store(vs_ptr + sdst, sv, mask=hmask)
+        else:
+            tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+            tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_ptr, kvh,
+                 stride_cb, stride_ct, stride_ch, stride_sb, stride_st, qk_scale,
+                 key_end, qpos, window, BLOCK_SIZE: tl.constexpr,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, DOT_FP32: tl.constexpr,
+                 MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """One online-softmax step over keys [n0, n0 + BLOCK_N) gathered through the block table.
+
+    q [M, D]; acc [M, D] f32; m_i, l_i [M] f32 (base-2 logits). MASK_KEYS masks keys >= key_end
+    (and never loads them); CAUSAL / USE_WINDOW mask against the query positions qpos [M].
+    """
+    pos = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    if MASK_KEYS:
+        kmask = pos < key_end
+        blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE).to(tl.int64)
+    row = blk * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kvh * stride_ch  # [BLOCK_N]
+    if MASK_KEYS:
+        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(kc_ptr + row[:, None] + d[None, :])
+        v = tl.load(vc_ptr + row[:, None] + d[None, :])
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    else:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    s = tl.dot(q, tl.trans(k))  # [M, BLOCK_N] f32
+    if FP8:
+        srow = blk * stride_sb + (pos % BLOCK_SIZE) * stride_st + kvh
+        if MASK_KEYS:
+            ksc = tl.load(ks_ptr + srow, mask=kmask, other=0.0)
+            vsc = tl.load(vs_ptr + srow, mask=kmask, other=0.0)
+        else:
+            ksc = tl.load(ks_ptr + srow)
+            vsc = tl.load(vs_ptr + srow)
+        s = s * (ksc * qk_scale)[None, :]
+    else:
+        s = s * qk_scale
+    if MASK_KEYS:
+        ok = kmask[None, :]
+        if CAUSAL:
+            ok = ok & (pos[None, :] <= qpos[:, None])
+        if USE_WINDOW:
+            ok = ok & (qpos[:, None] - pos[None, :] < window)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if FP8:
+        p = p * vsc[None, :]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, sinks_ptr,
+                    out_ptr, qk_scale, window,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                    stride_cb, stride_ct, stride_ch, stride_sb, stride_st, num_m_tiles,
+                    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    FP8: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr):
+    # grid (q heads, query tiles, sequences); the heads sharing a KV head run side by side and the
+    # longest (last) query tiles start first
+    h = tl.program_id(0)
+    mt = num_m_tiles - 1 - tl.program_id(1)
+    b = tl.program_id(2)
+    q0 = tl.load(qsl_ptr + b)
+    qlen = tl.load(qsl_ptr + b + 1) - q0
+    m_start = mt * BLOCK_M
+    if m_start < qlen:
+        seq_len = tl.load(seq_lens_ptr + b)
+        ctx = seq_len - qlen  # cached prefix before this step's tokens
+        rows = m_start + tl.arange(0, BLOCK_M)
+        rmask = rows < qlen
+        qpos = ctx + rows
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + (q0 + rows).to(tl.int64)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                    mask=rmask[:, None], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        kvh = h // GROUP
+        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+        # the sink starts the running max and sum: exp2(sink - m) = 1; no row is ever all -inf
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        hi = tl.minimum(seq_len, ctx + m_start + BLOCK_M)  # past the tile's last query: masked anyway
+        if USE_WINDOW:
+            lo = tl.maximum(ctx + m_start - window + 1, 0)
+            for n0 in range(lo, hi, BLOCK_N):
+                acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
+                                             kvh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
+                                             qk_scale, hi, qpos, window, BLOCK_SIZE,
+                                             D, BLOCK_N, FP8, DOT_FP32, True, True, True)
+        else:
+            # keys before the tile's first query are seen by every row: no masks there
+            full = ((ctx + m_start) // BLOCK_N) * BLOCK_N
+            for n0 in range(0, full, BLOCK_N):
+                acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
+                                             kvh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
+                                             qk_scale, hi, qpos, window, BLOCK_SIZE,
+                                             D, BLOCK_N, FP8, DOT_FP32, False, False, False)
+            for n0 in range(full, hi, BLOCK_N):
+                acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
+                                             kvh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
+                                             qk_scale, hi, qpos, window, BLOCK_SIZE,
+                                             D, BLOCK_N, FP8, DOT_FP32, True, True, False)
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + (q0 + rows).to(tl.int64)[:, None] * stride_ot + h * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, sinks_ptr,
+                   out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qk_scale, window, num_splits,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                   stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
+                   BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
+                   BLOCK_N: tl.constexpr,
+                   FP8: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
+                   DOT_FP32: tl.constexpr):
+    # one query token per sequence; program (KV head, sequence, split) takes the GROUP query heads of
+    # its KV head as the rows of one tile (padded to BLOCK_H >= 16 for tl.dot) and a slice of keys.
+    # A sequence's KV heads run side by side: they share the 32-byte sectors of the fp8 scales.
+    kvh = tl.program_id(0)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
+    t = tl.load(qsl_ptr + b)
+    t_end = tl.load(qsl_ptr + b + 1)  # t_end == t: a padding sequence without a token
+    seq_len = tl.where(t_end > t, tl.load(seq_lens_ptr + b), 0)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    start = lo
+    end = seq_len
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+        start = lo + split * chunk
+        end = tl.minimum(start + chunk, seq_len)
+    g = tl.arange(0, BLOCK_H)
+    gmask = g < GROUP
+    qmask = gmask & (g * 0 + t < t_end)  # block-shaped: the interpreter rejects scalar bools in masks
+    heads = kvh * GROUP + g
+    d = tl.arange(0, D)
+    t = t.to(tl.int64)
+    q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=qmask[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
+    if SPLIT:
+        m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)  # finite: an empty split stays NaN-free
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    else:
+        sink = tl.load(sinks_ptr + heads, mask=gmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_i = sink
+        l_i = tl.full([BLOCK_H], 1.0, dtype=tl.float32)
+    qpos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
+    for n0 in range(start, end, BLOCK_N):
+        # keys in [start, end) all pass the causal and window tests: only the end is masked
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
+                                     kvh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
+                                     qk_scale, end, qpos, window, BLOCK_SIZE,
+                                     D, BLOCK_N, FP8, DOT_FP32, True, False, False)
+    if SPLIT:
+        pidx = (b * (GROUP * tl.num_programs(0)) + heads) * num_splits + split  # [B, Hq, S]
+        tl.store(part_m_ptr + pidx, m_i, mask=gmask)
+        tl.store(part_l_ptr + pidx, l_i, mask=gmask)
+        tl.store(part_acc_ptr + pidx[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+    else:
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=qmask[:, None])
+
+
+@triton.jit
+def _decode_combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, qsl_ptr, sinks_ptr, out_ptr,
+                           num_splits, stride_ot, stride_oh,
+                           D: tl.constexpr, BLOCK_S: tl.constexpr):
+    # merges the splits of one (sequence, query head) and adds the sink to the denominator
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < num_splits
+    d = tl.arange(0, D)
+    base = (b * tl.num_programs(1) + h) * num_splits
+    m = tl.load(part_m_ptr + base + s, mask=smask, other=-1.0e30)
+    l = tl.load(part_l_ptr + base + s, mask=smask, other=0.0)
+    acc = tl.load(part_acc_ptr + (base + s)[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+    m_tot = tl.maximum(tl.max(m, axis=0), sink)
+    w = tl.exp2(m - m_tot)  # [BLOCK_S]
+    denom = tl.sum(l * w, axis=0) + tl.exp2(sink - m_tot)
+    o = tl.sum(acc * w[:, None], axis=0) / denom
+    t = tl.load(qsl_ptr + b)
+    t_end = tl.load(qsl_ptr + b + 1)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+             mask=d * 0 + t < t_end)

@@ -1,0 +1,595 @@
+"""Grouped MoE GEMMs on MXFP4 expert weights: token rows gathered by index, weights dequantized in
+registers, bias + clamped SwiGLU fused into the first GEMM, the routing weight and the top-k combine
+into the second.
+
+    w1 = prepare_mxfp4_weight(gate_up_blocks, gate_up_scales)          # once, at load
+    a, a_amax = moe_gate_up(x, routing, w1, b1, act, alpha, limit, opts)  # [R, I] in grouped order
+    out = moe_down(a, a_amax, routing, w2, b2, act, opts, ...)           # [T, H]
+
+Activations (`act`):
+  "bf16":  bf16 x MXFP4 through tl.dot_scaled (Hopper: Triton upcasts the e2m1 tile in registers).
+  "fp8":   e4m3 x e4m3 on the fp8 tensor cores. Activations are quantized as they are loaded with a
+           per-token dynamic scale amax/448 (x: `row_absmax`; the SwiGLU output: per-tile maxima that
+           moe_gate_up writes beside it). MXFP4 weight tiles become e4m3 in registers: code * 2^(6-d),
+           d = (row's largest scale exponent) - (block's), exact for d <= 14 (blocks with d > 14,
+           below 2^-15 of the row's largest block, count as zero); 2^(s_max - 133) per row and the
+           token scale multiply the accumulator.
+  "mxfp8": e4m3 with one e8m0 scale per 32 (gptoss.quant.mxfp8's rule), quantized as loaded, x MXFP4
+           through tl.dot_scaled (native on Blackwell; Triton emulates it elsewhere).
+Each op has a plain-torch twin (`*_torch`) with the same signature.
+
+Weights: `MXFP4Weight` holds one projection of the local experts, either in the checkpoint's row
+layout ([E, N, K/2] bytes) or k-blocked ([E, K/BK, N, BK/2], K padded to BK with zero codes) so that
+each tile a program loads is one contiguous run; a k-blocked weight fixes the kernels' block_k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant.fp8 import quantize_fp8
+from ..quant.mxfp4 import dequantize_mxfp4, e8m0_to_float, fp4_lut, unpack_fp4
+from ..quant.mxfp8 import dequantize_mxfp8, quantize_mxfp8
+from .moe_routing import Routing
+
+ACTS = {"bf16": 0, "fp8": 1, "mxfp8": 2}
+FP8_MAX_SHIFT = 14  # e4m3 holds code * 2^(6-d) exactly for d <= 14
+
+
+@dataclass(frozen=True)
+class GemmOptions:
+    """Tiles of one grouped GEMM. block_n counts weight rows (gate_up: block_n/2 SwiGLU outputs)."""
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    swap_ab: bool = False   # weights on the MMA's M side (few token rows per expert)
+    split_k: int = 1        # moe_down only, with fused_combine (partial sums meet in the atomics)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@dataclass
+class MXFP4Weight:
+    """One projection (gate_up or down) of the local experts, laid out for the kernels."""
+    data: torch.Tensor            # uint8: [E, N, K/2] (block_k 0) or [E, Kp/BK, N, BK/2]
+    scales: torch.Tensor          # uint8 e8m0: [E, N, K/32] or [E, Kp/BK, N, BK/32]
+    n: int
+    k: int
+    block_k: int = 0              # 0: row layout; else the k-blocked layout's BK
+    fp8_shift: torch.Tensor | None = None      # uint8, like scales: s_max(row) - s, for "fp8"
+    fp8_row_scale: torch.Tensor | None = None  # float32 [E, N]: 2^(s_max - 133), for "fp8"
+
+    @property
+    def num_experts(self) -> int:
+        return self.data.shape[0]
+
+    def strides(self, block_k: int) -> tuple[int, int, int, int, int, int]:
+        """(expert, row, k-block) strides of data and of scales for kernel tiles of block_k."""
+        d, s = self.data, self.scales
+        if self.block_k:
+            return d.stride(0), d.stride(2), d.stride(1), s.stride(0), s.stride(2), s.stride(1)
+        return d.stride(0), d.stride(1), block_k // 2, s.stride(0), s.stride(1), block_k // 32
+
+    def checkpoint_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(blocks [E, N, K/32, 16], scales [E, N, K/32]) as in the checkpoint."""
+        d, s = self.data, self.scales
+        if self.block_k:
+            d = d.permute(0, 2, 1, 3).flatten(2)[:, :, : self.k // 2]
+            s = s.permute(0, 2, 1, 3).flatten(2)[:, :, : self.k // 32]
+        return d.reshape(d.shape[0], self.n, self.k // 32, 16), s
+
+
+def prepare_mxfp4_weight(blocks: torch.Tensor, scales: torch.Tensor, block_k: int = 0,
+                         fp8: bool = False) -> MXFP4Weight:
+    """blocks [E, N, K/32, 16], scales [E, N, K/32] (checkpoint layout) -> MXFP4Weight.
+
+    block_k 0 keeps the row layout (a view, no copy); a power of two >= 32 re-lays the weight
+    k-blocked. fp8 adds the per-block shifts and per-row scales the "fp8" activations need."""
+    E, N, KB, _ = blocks.shape
+    K = KB * 32
+    data = blocks.reshape(E, N, K // 2)
+    sc = scales
+    if block_k:
+        if block_k < 32 or block_k & (block_k - 1):
+            raise ValueError(f"block_k={block_k} must be a power of two >= 32")
+        kp = triton.cdiv(K, block_k) * block_k
+        data = torch.nn.functional.pad(data, (0, (kp - K) // 2))
+        data = data.reshape(E, N, kp // block_k, block_k // 2).permute(0, 2, 1, 3).contiguous()
+        sc = torch.nn.functional.pad(sc, (0, (kp - K) // 32))
+        sc = sc.reshape(E, N, kp // block_k, block_k // 32).permute(0, 2, 1, 3).contiguous()
+    w = MXFP4Weight(data, sc, N, K, block_k)
+    if fp8:
+        s = scales.to(torch.int32)
+        smax = s.amax(-1, keepdim=True)
+        shift = (smax - s).clamp(max=255).to(torch.uint8)
+        if block_k:
+            shift = torch.nn.functional.pad(shift, (0, (sc.shape[1] * block_k - K) // 32), value=255)
+            shift = shift.reshape(E, N, -1, block_k // 32).permute(0, 2, 1, 3).contiguous()
+        w.fp8_shift = shift
+        w.fp8_row_scale = torch.ldexp(torch.ones_like(smax[..., 0], dtype=torch.float32), smax[..., 0] - 133)
+    return w
+
+
+def _fp8_weight_torch(w: MXFP4Weight) -> torch.Tensor:
+    """float32 [E, N, K]: the e4m3 weight the "fp8" kernels build in registers, times its row scale."""
+    blocks, scales = w.checkpoint_layout()
+    codes = fp4_lut(blocks.device)[unpack_fp4(blocks).long()]  # [E, N, K/32, 32]
+    s = scales.to(torch.int32)
+    d = s.amax(-1, keepdim=True) - s
+    mult = torch.where(d > FP8_MAX_SHIFT, torch.zeros_like(d, dtype=torch.float32),
+                       torch.ldexp(torch.ones_like(d, dtype=torch.float32), 6 - d.clamp(max=FP8_MAX_SHIFT)))
+    q = (codes * mult.unsqueeze(-1)).flatten(-2)
+    return q * w.fp8_row_scale.unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _round_e4m3(x):
+    # x (|x| <= 448) rounded to the e4m3 grid, ties to even, in fp32; only for the interpreter, whose
+    # fp32 -> fp8 cast drops the carry into the exponent (7.8 -> 4). The GPU's cvt.rn does this itself.
+    bits = x.to(tl.int32, bitcast=True)
+    mbits = bits & 0x7FFFFFFF
+    normal = (mbits + 0x7FFFF + ((mbits >> 20) & 1)) & -1048576
+    mag = tl.abs(x)
+    sub = (((mag * 512.0 + 12582912.0) - 12582912.0) * (1.0 / 512.0)).to(tl.int32, bitcast=True)
+    r = tl.where(mag < 0.015625, sub, normal) | (bits & -2147483648)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_cast(x, ptr, INTERPRET: tl.constexpr):
+    """x (fp32) in ptr's element type. The interpreter's fp32 -> bf16 cast truncates; round it to
+    nearest-even first so that the cast is exact (the GPU's cvt.rn rounds the same way)."""
+    if INTERPRET:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _to_e4m3(y, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        y = _round_e4m3(y)
+    return y.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quant_mxfp8(a, BM: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):
+    """a [BM, BK] fp32 -> (e4m3 [BM, BK], e8m0 uint8 [BM, BK/32]): the smallest 2^k with amax <= 448 * 2^k."""
+    a3 = tl.reshape(a, (BM, BK // 32, 32))
+    amax = tl.max(tl.abs(a3), axis=2)
+    bits = amax.to(tl.int32, bitcast=True)
+    k = ((bits >> 23) & 0xFF) - 135 + tl.where((bits & 0x7FFFFF) > 0x600000, 1, 0)
+    k = tl.minimum(tl.maximum(k, -127), 126)
+    inv = ((127 - k) << 23).to(tl.float32, bitcast=True)  # 2^-k, exact
+    q = _to_e4m3(tl.reshape(a3 * inv[:, :, None], (BM, BK)), INTERPRET)
+    return q, (k + 127).to(tl.uint8)
+
+
+@triton.jit
+def _quant_fp8_rows(a, scale, INTERPRET: tl.constexpr):
+    """a [BM, BK] fp32, scale [BM] (amax/448) -> e4m3, as gptoss.quant.fp8.quantize_fp8 per token."""
+    y = tl.math.div_rn(a, scale[:, None])
+    return _to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0), INTERPRET)
+
+
+@triton.jit
+def _mxfp4_to_e4m3(wb, mult, BN: tl.constexpr, BK: tl.constexpr):
+    """wb [BN, BK/2] packed codes, mult [BN, BK/32] fp32 2^(20-d) (0: drop) -> e4m3 [BN, BK]."""
+    c = tl.reshape(tl.join(wb & 15, wb >> 4), (BN, BK)).to(tl.int32)
+    v = (((c & 8) << 12) | ((c & 7) << 9)).to(tl.int16).to(tl.float16, bitcast=True)  # code * 2^-14
+    m = tl.reshape(tl.broadcast_to(mult[:, :, None], (BN, BK // 32, 32)), (BN, BK))
+    return (v.to(tl.float32) * m).to(tl.float8e4nv)  # exact: code * 2^(6-d) is on the e4m3 grid
+
+
+@triton.jit
+def _mainloop(a_ptr, a_row_off, m_mask, a_scale, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k_lo, k_hi,
+              stride_wn, stride_wkb, stride_sn, stride_skb,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACT: tl.constexpr,
+              SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 = A[rows, k_lo:k_hi] @ W[n, k_lo:k_hi]^T (fp8: without the scales)."""
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kh = tl.arange(0, BLOCK_K // 2)
+    offs_ks = tl.arange(0, BLOCK_K // 32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kb = k0 // BLOCK_K
+        if EVEN_K:
+            a = tl.load(a_ptr + a_row_off[:, None] + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptr + a_row_off[:, None] + (k0 + offs_k)[None, :],
+                        mask=m_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+        s_off = n[:, None] * stride_sn + kb * stride_skb + offs_ks[None, :]  # [BN, BK/32]
+        if MASK_W:  # row layout and K not a multiple of BLOCK_K (k-blocked weights are padded)
+            s_mask = n_mask[:, None] & ((k0 // 32 + offs_ks) < K // 32)[None, :]
+        else:
+            s_mask = n_mask[:, None]
+        ws = tl.load(ws_ptr + s_off, mask=s_mask, other=0)
+        if ACT == 1 or SWAP:
+            w_off = n[:, None] * stride_wn + kb * stride_wkb + offs_kh[None, :]  # [BN, BK/2]
+            if MASK_W:
+                w = tl.load(w_ptr + w_off, mask=n_mask[:, None] & ((k0 // 2 + offs_kh) < K // 2)[None, :],
+                            other=0)
+            else:
+                w = tl.load(w_ptr + w_off, mask=n_mask[:, None], other=0)
+        else:
+            w_off = n[None, :] * stride_wn + kb * stride_wkb + offs_kh[:, None]  # [BK/2, BN]
+            if MASK_W:
+                w = tl.load(w_ptr + w_off, mask=n_mask[None, :] & ((k0 // 2 + offs_kh) < K // 2)[:, None],
+                            other=0)
+            else:
+                w = tl.load(w_ptr + w_off, mask=n_mask[None, :], other=0)
+        if ACT == 0:
+            ab = a.to(tl.bfloat16)
+            if SWAP:
+                acc = tl.dot_scaled(w, ws, "e2m1", tl.trans(ab), None, "bf16", acc)
+            else:
+                acc = tl.dot_scaled(ab, None, "bf16", w, ws, "e2m1", acc)
+        elif ACT == 2:
+            q, qs = _quant_mxfp8(a.to(tl.float32), BLOCK_M, BLOCK_K, INTERPRET)
+            if SWAP:
+                acc = tl.dot_scaled(w, ws, "e2m1", tl.trans(q), qs, "e4m3", acc)
+            else:
+                acc = tl.dot_scaled(q, qs, "e4m3", w, ws, "e2m1", acc)
+        else:
+            q = _quant_fp8_rows(a.to(tl.float32), a_scale, INTERPRET)
+            # the shift rides in the scales' slot; 2^(20-d), or 0 for blocks past the e4m3 range
+            sh = tl.load(wsh_ptr + s_off, mask=s_mask, other=255).to(tl.int32)
+            mult = tl.where(sh <= 14, ((147 - tl.minimum(sh, 14)) << 23).to(tl.float32, bitcast=True), 0.0)
+            wq = _mxfp4_to_e4m3(w, mult, BLOCK_N, BLOCK_K)
+            if INTERPRET:  # the interpreter's fp8 tl.dot is wrong; fp32 of e4m3 values is exact
+                if SWAP:
+                    acc += tl.dot(wq.to(tl.float32), tl.trans(q.to(tl.float32)))
+                else:
+                    acc += tl.dot(q.to(tl.float32), tl.trans(wq.to(tl.float32)))
+            else:
+                if SWAP:
+                    acc = tl.dot(wq, tl.trans(q), acc)
+                else:
+                    acc = tl.dot(q, tl.trans(wq), acc)
+    if SWAP:
+        acc = tl.trans(acc)
+    return acc
+
+
+@triton.jit
+def _row_scale(amax_ptr, amax_row, m_mask, n_amax, NA_PAD: tl.constexpr):
+    """Per-row fp8 scale amax/448 (floored like quantize_fp8) from n_amax partial maxima per row."""
+    c = tl.arange(0, NA_PAD)
+    am = tl.load(amax_ptr + amax_row[:, None] * n_amax + c[None, :],
+                 mask=m_mask[:, None] & (c[None, :] < n_amax), other=0.0)
+    return tl.maximum(tl.math.div_rn(tl.max(am, axis=1), 448.0), 1.1754943508222875e-38)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr,
+                    w_ptr, ws_ptr, wsh_ptr, wrs_ptr, b_ptr,
+                    sorted_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                    K, N, n_tiles_n,
+                    stride_we, stride_wn, stride_wkb, stride_se, stride_sn, stride_skb,
+                    alpha, limit,
+                    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
+                    INTERPRET: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:
+        return
+    row0 = tl.load(tile_row_ptr + pid_m)
+    row_end = tl.load(offsets_ptr + e + 1)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    m_mask = rows < row_end
+    tok = tl.load(sorted_ptr + rows, mask=m_mask, other=0) // TOP_K
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    e64 = e.to(tl.int64)
+    a_scale = tl.zeros((BLOCK_M,), tl.float32)
+    if ACT == 1:
+        a_scale = _row_scale(x_amax_ptr, tok, m_mask, 1, 1)
+    acc = _mainloop(x_ptr, tok.to(tl.int64) * stride_xt, m_mask, a_scale,
+                    w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
+                    n, n_mask, K, 0, K, stride_wn, stride_wkb, stride_sn, stride_skb,
+                    BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, INTERPRET)
+    if ACT == 1:
+        acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
+    acc += tl.load(b_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
+    # weight rows alternate gate, up: split the interleaved columns
+    gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    act = _store_cast(gate * tl.sigmoid(alpha * gate) * (up + 1.0), a_ptr, INTERPRET)
+    I = N // 2
+    j = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    mask = m_mask[:, None] & (j < I)[None, :]
+    tl.store(a_ptr + rows.to(tl.int64)[:, None] * I + j[None, :], act, mask=mask)
+    if ACT == 1:
+        am = tl.max(tl.where(mask, tl.abs(act.to(tl.float32)), 0.0), axis=1)
+        tl.store(a_amax_ptr + rows * n_tiles_n + pid_n, am, mask=m_mask)
+
+
+@triton.jit
+def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
+                 w_ptr, ws_ptr, wsh_ptr, wrs_ptr, b_ptr, topk_w_ptr,
+                 sorted_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                 K, N, k_per_split,
+                 stride_we, stride_wn, stride_wkb, stride_se, stride_sn, stride_skb,
+                 TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
+                 HAS_BIAS: tl.constexpr,
+                 FUSED_COMBINE: tl.constexpr, NA_PAD: tl.constexpr, INTERPRET: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e < 0:
+        return
+    row0 = tl.load(tile_row_ptr + pid_m)
+    row_end = tl.load(offsets_ptr + e + 1)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    m_mask = rows < row_end
+    assign = tl.load(sorted_ptr + rows, mask=m_mask, other=0)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    e64 = e.to(tl.int64)
+    a_scale = tl.zeros((BLOCK_M,), tl.float32)
+    if ACT == 1:
+        a_scale = _row_scale(a_amax_ptr, rows, m_mask, n_amax, NA_PAD)
+    k_lo = pid_k * k_per_split
+    acc = _mainloop(a_ptr, rows.to(tl.int64) * K, m_mask, a_scale,
+                    w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
+                    n, n_mask, K, k_lo, tl.minimum(k_lo + k_per_split, K), stride_wn, stride_wkb,
+                    stride_sn, stride_skb, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, INTERPRET)
+    if ACT == 1:
+        acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
+    acc = acc * tl.load(topk_w_ptr + assign, mask=m_mask, other=0.0)[:, None]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if FUSED_COMBINE:
+        tok = assign // TOP_K
+        tl.atomic_add(out_ptr + tok.to(tl.int64)[:, None] * N + n[None, :], acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(out_ptr + assign.to(tl.int64)[:, None] * N + n[None, :],
+                 _store_cast(acc, out_ptr, INTERPRET), mask=mask)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, ids_ptr, out_ptr, N, expert_start, E_LOCAL,
+                    TOP_K: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    t = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n_mask = n < N
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for j in tl.static_range(TOP_K):
+        loc = tl.load(ids_ptr + t * TOP_K + j) - expert_start + tl.zeros((BLOCK,), tl.int32)
+        ok = n_mask & (loc >= 0) & (loc < E_LOCAL)  # another rank's expert wrote no row
+        acc += tl.load(y_ptr + (t * TOP_K + j).to(tl.int64) * N + n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t.to(tl.int64) * N + n, _store_cast(acc, out_ptr, INTERPRET), mask=n_mask)
+
+
+@triton.jit
+def _row_absmax_kernel(x_ptr, stride_xt, out_ptr, N, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    am = tl.zeros((BLOCK,), tl.float32)
+    for n0 in range(0, N, BLOCK):
+        n = n0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + t.to(tl.int64) * stride_xt + n, mask=n < N, other=0.0).to(tl.float32)
+        am = tl.maximum(am, tl.abs(x))
+    tl.store(out_ptr + t, tl.max(am, axis=0))
+
+
+# the interpreter (TRITON_INTERPRET=1 before this module was imported) runs the kernels on CPU tensors
+INTERPRETED = type(_gate_up_kernel).__name__ == "InterpretedFunction"
+
+
+# ----------------------------------------------------------------------------- wrappers
+
+
+def _check_gemm(x: torch.Tensor, w: MXFP4Weight, opts: GemmOptions, act: str, who: str) -> None:
+    if act not in ACTS:
+        raise ValueError(f"{who}: act={act!r}; choose one of {sorted(ACTS)}")
+    if x.dim() != 2 or x.stride(-1) != 1 or x.shape[1] != w.k:
+        raise ValueError(f"{who}: activations {tuple(x.shape)} (strides {x.stride()}) do not match a "
+                         f"weight with K={w.k}; rows must be contiguous")
+    bk = opts.block_k
+    if bk < 32 or bk & (bk - 1) or opts.block_n < 16 or opts.block_n & (opts.block_n - 1):
+        raise ValueError(f"{who}: block_k={bk} / block_n={opts.block_n} must be powers of two (>= 32 / >= 16)")
+    if w.block_k and w.block_k != bk:
+        raise ValueError(f"{who}: the weight is laid out for block_k={w.block_k}, the options ask for {bk}")
+    if act == "fp8" and w.fp8_shift is None:
+        raise ValueError(f"{who}: act='fp8' needs a weight prepared with fp8=True")
+
+
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """x [T, H] -> float32 [T]: max |x| per row."""
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    if x.shape[0]:
+        block = min(4096, triton.next_power_of_2(x.shape[1]))
+        _row_absmax_kernel[(x.shape[0],)](x, x.stride(0), out, x.shape[1], BLOCK=block, num_warps=4)
+    return out
+
+
+def row_absmax_torch(x: torch.Tensor) -> torch.Tensor:
+    return x.float().abs().amax(-1) if x.shape[0] else torch.empty(0, device=x.device)
+
+
+def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Tensor, act: str,
+                alpha: float, limit: float, opts: GemmOptions, x_amax: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [T, H] -> (a [T*k, I] in x.dtype, rows in routing's grouped order; for "fp8" also per-tile
+    maxima of |a| [T*k, n_tiles] float32, else None). bias [E, 2I] float32; x_amax [T] for "fp8"."""
+    _check_gemm(x, w, opts, act, "moe_gate_up")
+    if opts.block_n < 32 or opts.split_k != 1:
+        raise ValueError("moe_gate_up: block_n must be >= 32 (gate/up pairs) and split_k 1")
+    if act == "fp8" and x_amax is None:
+        raise ValueError("moe_gate_up: act='fp8' needs x_amax (row_absmax(x))")
+    N, K, R = w.n, w.k, routing.num_tokens * routing.top_k
+    a = torch.empty(R, N // 2, dtype=x.dtype, device=x.device)
+    n_tiles_n = triton.cdiv(N, opts.block_n)
+    a_amax = torch.empty(R, n_tiles_n, dtype=torch.float32, device=x.device) if act == "fp8" else None
+    if R == 0:
+        return a, a_amax
+    strides = w.strides(opts.block_k)
+    dummy = w.scales
+    _gate_up_kernel[(routing.max_tiles, n_tiles_n)](
+        x, x.stride(0), a, a_amax if a_amax is not None else a, x_amax if x_amax is not None else a,
+        w.data, w.scales, w.fp8_shift if act == "fp8" else dummy,
+        w.fp8_row_scale if act == "fp8" else bias, bias,
+        routing.sorted_assign, routing.expert_offsets, routing.tile_expert, routing.tile_row,
+        K, N, n_tiles_n, *strides, float(alpha), float(limit),
+        TOP_K=routing.top_k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
+        ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
+        MASK_W=not w.block_k and K % opts.block_k != 0,
+        INTERPRET=INTERPRETED, num_warps=opts.num_warps, num_stages=opts.num_stages)
+    return a, a_amax
+
+
+def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: MXFP4Weight,
+             bias: torch.Tensor | None, act: str, opts: GemmOptions, expert_start: int,
+             num_local_experts: int, fused_combine: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """a [T*k, I] (grouped order) -> out [T, H] in out_dtype: sum over each token's local experts of
+    routing weight * (a @ W2^T + b2). bias None: no down bias (a TP rank other than the first).
+    fused_combine: the GEMM adds into a float32 output with atomics (split_k allowed); else it writes
+    weighted rows [T*k, H] and a combine kernel sums each token's k rows (deterministic)."""
+    _check_gemm(a, w, opts, act, "moe_down")
+    if opts.split_k > 1 and not fused_combine:
+        raise ValueError("moe_down: split_k > 1 needs fused_combine")
+    if act == "fp8" and a_amax is None:
+        raise ValueError("moe_down: act='fp8' needs a_amax from moe_gate_up")
+    T, k = routing.num_tokens, routing.top_k
+    N, K = w.n, w.k
+    dev = a.device
+    if fused_combine:
+        out = torch.zeros(T, N, dtype=torch.float32, device=dev)
+    else:
+        out = torch.empty(T * k, N, dtype=out_dtype, device=dev)
+    if T:
+        n_k_blocks = triton.cdiv(K, opts.block_k)
+        split = max(1, min(opts.split_k, n_k_blocks))
+        k_per_split = triton.cdiv(n_k_blocks, split) * opts.block_k
+        n_amax = a_amax.shape[1] if a_amax is not None else 1
+        strides = w.strides(opts.block_k)
+        _down_kernel[(routing.max_tiles, triton.cdiv(N, opts.block_n), split)](
+            a, a_amax if a_amax is not None else a, n_amax, out,
+            w.data, w.scales, w.fp8_shift if act == "fp8" else w.scales,
+            w.fp8_row_scale if act == "fp8" else a, bias if bias is not None else a, routing.topk_weights,
+            routing.sorted_assign, routing.expert_offsets, routing.tile_expert, routing.tile_row,
+            K, N, k_per_split, *strides,
+            TOP_K=k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
+            ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
+        MASK_W=not w.block_k and K % opts.block_k != 0,
+            HAS_BIAS=bias is not None, FUSED_COMBINE=fused_combine,
+            NA_PAD=triton.next_power_of_2(n_amax), INTERPRET=INTERPRETED,
+            num_warps=opts.num_warps, num_stages=opts.num_stages)
+    if fused_combine:
+        return out.to(out_dtype)
+    return moe_combine(out, routing, expert_start, num_local_experts, out_dtype)
+
+
+def moe_combine(y: torch.Tensor, routing: Routing, expert_start: int, num_local_experts: int,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """y [T*k, H] weighted expert outputs by assignment -> [T, H]: each token's local rows summed."""
+    T, k = routing.num_tokens, routing.top_k
+    N = y.shape[1]
+    out = torch.empty(T, N, dtype=out_dtype, device=y.device)
+    if T:
+        block = min(1024, triton.next_power_of_2(N))
+        _combine_kernel[(T, triton.cdiv(N, block))](y, routing.topk_ids, out, N, expert_start,
+                                                     num_local_experts, TOP_K=k, BLOCK=block,
+                                                     INTERPRET=INTERPRETED, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------- torch twins
+
+
+def _grouped_rows(routing: Routing):
+    """(rows per local expert as (expert, first row, end row)) from the offsets (host sync)."""
+    off = routing.expert_offsets.tolist()
+    return [(e, off[e], off[e + 1]) for e in range(len(off) - 1) if off[e + 1] > off[e]]
+
+
+def _quant_act_torch(x: torch.Tensor, act: str, amax: torch.Tensor | None) -> torch.Tensor:
+    """The activations as the kernels feed them to the MMA, in float32 (fp8: still divided by the scale)."""
+    if act == "bf16":
+        return x.to(torch.bfloat16).float()
+    if act == "mxfp8":
+        return dequantize_mxfp8(*quantize_mxfp8(x.float()), torch.float32)
+    scale = (amax.float().unsqueeze(-1) / 448.0).clamp(min=torch.finfo(torch.float32).tiny)
+    q = (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.float() * scale
+
+
+def _weight_torch(w: MXFP4Weight, act: str) -> torch.Tensor:
+    if act == "fp8":
+        return _fp8_weight_torch(w)
+    return dequantize_mxfp4(*w.checkpoint_layout(), torch.float32)
+
+
+def moe_gate_up_torch(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Tensor, act: str,
+                      alpha: float, limit: float, opts: GemmOptions, x_amax: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Twin of moe_gate_up (a_amax: the row maxima in column 0, the other columns zero)."""
+    R = routing.num_tokens * routing.top_k
+    a = torch.zeros(R, w.n // 2, dtype=x.dtype, device=x.device)
+    wf = _weight_torch(w, act)
+    tok_all = (routing.sorted_assign.long() // routing.top_k)
+    for e, r0, r1 in _grouped_rows(routing):
+        tok = tok_all[r0:r1]
+        xq = _quant_act_torch(x[tok], act, x_amax[tok] if x_amax is not None else None)
+        h = xq @ wf[e].T + bias[e].float()
+        gate = h[:, 0::2].clamp(max=limit)
+        up = h[:, 1::2].clamp(-limit, limit)
+        a[r0:r1] = (gate * torch.sigmoid(alpha * gate) * (up + 1)).to(x.dtype)
+    a_amax = None
+    if act == "fp8":
+        a_amax = torch.zeros(R, triton.cdiv(w.n, opts.block_n), dtype=torch.float32, device=x.device)
+        a_amax[:, 0] = a.float().abs().amax(-1) if R else 0
+    return a, a_amax
+
+
+def moe_down_torch(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: MXFP4Weight,
+                   bias: torch.Tensor | None, act: str, opts: GemmOptions, expert_start: int,
+                   num_local_experts: int, fused_combine: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """Twin of moe_down."""
+    T, k = routing.num_tokens, routing.top_k
+    out = torch.zeros(T, w.n, dtype=torch.float32, device=a.device)
+    wf = _weight_torch(w, act)
+    assign = routing.sorted_assign.long()
+    for e, r0, r1 in _grouped_rows(routing):
+        am = a_amax[r0:r1].amax(-1) if a_amax is not None else None
+        y = _quant_act_torch(a[r0:r1], act, am) @ wf[e].T
+        if bias is not None:
+            y = y + bias[e].float()
+        asg = assign[r0:r1]
+        y = y * routing.topk_weights.flatten()[asg].unsqueeze(-1)
+        if not fused_combine:  # the weighted rows pass through out_dtype on their way to the combine
+            y = y.to(out_dtype).float()
+        out.index_add_(0, asg // k, y)
+    return out.to(out_dtype)
+
+
+def moe_combine_torch(y: torch.Tensor, routing: Routing, expert_start: int, num_local_experts: int,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    T, k = routing.num_tokens, routing.top_k
+    loc = routing.topk_ids.long() - expert_start
+    local = ((loc >= 0) & (loc < num_local_experts)).reshape(T * k, 1)
+    yy = torch.where(local, y.float(), torch.zeros((), device=y.device))
+    return yy.reshape(T, k, -1).sum(1).to(out_dtype)

@@ -1,0 +1,157 @@
+"""The gpt-oss transformer, named after the checkpoint's parts.
+
+Tokens of all sequences in a step are packed into one [T, H] batch; the per-step attention metadata
+(block tables, slot mapping, sequence lengths) comes from the forward context, so the signature stays
+forward(input_ids, positions).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..engine.forward_context import get_forward_context
+from ..kernels.attention import paged_attention, write_kv
+from ..moe import MoESpec, MoEWeights
+from ..distributed import ParallelState
+from .rope import RotaryEmbedding
+
+
+def _param(*shape, dtype, device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype, device):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in fp32, as the reference does, then the weight, then back to the activation dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rope: RotaryEmbedding, par: ParallelState,
+                 dtype, device):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        # tensor parallelism splits the heads; each rank keeps whole kv heads
+        self.num_heads = config.num_attention_heads // par.tp_size
+        self.num_kv_heads = max(1, config.num_key_value_heads // par.tp_size)
+        # every other layer uses a 128-token sliding window
+        self.window = config.sliding_window if config.is_sliding[layer_idx] else None
+        self.sm_scale = config.head_dim ** -0.5
+        self.rope = rope
+        self.par = par
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_size, self.kv_size = q, kv
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        # q, k and v fused into one projection, filled row-slice by row-slice by the loader
+        self.qkv_weight = _param(q + 2 * kv, config.hidden_size, dtype=dtype, device=device)
+        self.qkv_bias = _param(q + 2 * kv, dtype=dtype, device=device)
+        self.sinks = _param(self.num_heads, dtype=torch.float32, device=device)
+        self.out_weight = _param(config.hidden_size, q, dtype=dtype, device=device)
+        self.out_bias = _param(config.hidden_size, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        t = self.norm(x)
+        with torch.profiler.record_function("attn.qkv"):
+            qkv = F.linear(t, self.qkv_weight, self.qkv_bias)  # [T, q + 2kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.rope(q.unflatten(-1, (self.num_heads, self.head_dim)), positions)  # [T, Hq, D]
+        k = self.rope(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), positions)  # [T, Hkv, D]
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        cache = ctx.kv_caches[self.layer_idx]
+        with torch.profiler.record_function("attn.kv_write"):
+            write_kv(k, v, cache.k, cache.v, ctx.slot_mapping, cache.k_scale, cache.v_scale)
+        with torch.profiler.record_function("attn.core"):
+            o = paged_attention(q, cache.k, cache.v, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens,
+                                ctx.max_query_len, ctx.max_seq_len, self.sinks, self.sm_scale, self.window,
+                                cache.k_scale, cache.v_scale)
+        with torch.profiler.record_function("attn.out"):
+            # only rank 0 adds the bias, so the all-reduce sums it once
+            bias = self.out_bias if self.par.tp_rank == 0 else None
+            o = F.linear(o.flatten(1), self.out_weight, bias)
+        return x + self.par.all_reduce(o)
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, config: ModelConfig, spec: MoESpec, par: ParallelState, dtype, device):
+        super().__init__()
+        self.spec = spec
+        self.par = par
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.router_weight = _param(config.num_local_experts, config.hidden_size, dtype=dtype, device=device)
+        self.router_bias = _param(config.num_local_experts, dtype=dtype, device=device)
+        E, I2, H = spec.local_experts, 2 * spec.intermediate_size, config.hidden_size
+        u8 = torch.uint8
+        # MXFP4 experts stay packed as in the checkpoint; the backend may re-lay them out once
+        self.gate_up_blocks = _param(E, I2, H // 32, 16, dtype=u8, device=device)
+        self.gate_up_scales = _param(E, I2, H // 32, dtype=u8, device=device)
+        self.gate_up_bias = _param(E, I2, dtype=dtype, device=device)
+        self.down_blocks = _param(E, H, I2 // 64, 16, dtype=u8, device=device)
+        self.down_scales = _param(E, H, I2 // 64, dtype=u8, device=device)
+        self.down_bias = _param(E, H, dtype=dtype, device=device)
+        self.experts = None  # the MoE backend, built by bind_moe_backend after loading
+
+    def bind_moe_backend(self, backend_cls, dtype) -> None:
+        w = MoEWeights(self.gate_up_blocks.data, self.gate_up_scales.data, self.gate_up_bias.data,
+                       self.down_blocks.data, self.down_scales.data, self.down_bias.data)
+        self.experts = backend_cls(w, self.spec, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.norm(x)
+        with torch.profiler.record_function("moe.router"):
+            logits = F.linear(t, self.router_weight, self.router_bias)  # [T, E]
+        with torch.profiler.record_function("moe.experts"):
+            y = self.experts.forward(t, logits)
+        return x + self.par.all_reduce(y)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config, layer_idx, rope, spec, par, dtype, device):
+        super().__init__()
+        self.attn = AttentionBlock(config, layer_idx, rope, par, dtype, device)
+        self.mlp = MLPBlock(config, spec, par, dtype, device)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attn(x, positions))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device, max_positions: int,
+                 par: ParallelState | None = None):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.par = par = par or ParallelState()
+        self.moe_spec = par.moe_spec(config)
+        rope = RotaryEmbedding(config, max_positions, device)
+        self.embedding = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(TransformerBlock(config, i, rope, self.moe_spec, par, dtype, device)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.unembedding = _param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+
+    def bind_moe_backend(self, backend_cls) -> None:
+        for layer in self.layers:
+            layer.mlp.bind_moe_backend(backend_cls, self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embedding)  # [T, H]
+        for layer in self.layers:
+            x = layer(x, positions)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, H] (the rows that sample) -> fp32 logits [S, vocab]."""
+        with torch.profiler.record_function("unembed"):
+            return F.linear(self.norm(hidden), self.unembedding).float()

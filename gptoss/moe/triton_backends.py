@@ -1,0 +1,140 @@
+"""The Triton MoE backends: "triton" (bf16 x MXFP4, the Hopper default), "triton_fp8" (e4m3 with
+per-token dynamic scales x MXFP4 on fp8 tensor cores), "triton_mxfp8" (mxfp8 x MXFP4 through
+tl.dot_scaled: native on Blackwell, emulated by Triton elsewhere).
+
+One forward: routing (gptoss.kernels.moe_routing: top-k and the rows grouped per local expert on the
+GPU, no host sync) -> gate_up GEMM with bias + SwiGLU -> down GEMM with bias, routing weight and the
+top-k combine (gptoss.kernels.moe_gemm). The spec's expert slice (expert_start, num_local_experts),
+intermediate slice and add_down_bias make the same kernels serve tensor and expert parallelism.
+Tile configs per token count are in `default_config`, measured on H100 (benchmarks/bench_moe.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch.profiler import record_function
+
+from ..kernels.moe_gemm import (INTERPRETED, GemmOptions, moe_down, moe_gate_up, prepare_mxfp4_weight,
+                                row_absmax)
+from ..kernels.moe_routing import RoutingOptions, moe_routing
+from .base import MoEBackend, MoESpec, MoEWeights
+from .registry import register_moe_backend
+
+
+@dataclass(frozen=True)
+class MoEKernelConfig:
+    """Everything the kernels of one forward are launched with."""
+    block_m: int = 16
+    gate_up: GemmOptions = GemmOptions()
+    down: GemmOptions = GemmOptions()
+    fused_combine: bool = False
+
+
+def default_config(num_tokens: int, spec: MoESpec, act: str, block_k: int = 128) -> MoEKernelConfig:
+    """Tiles by rows per local expert (num_tokens * top_k / experts); block_k is the weights' layout."""
+    rows = num_tokens * spec.top_k / spec.local_experts
+    if rows <= 16:  # decode: weights stream once, on many small programs with the weights as MMA rows
+        return MoEKernelConfig(
+            block_m=16,
+            gate_up=GemmOptions(block_n=64, block_k=block_k, num_warps=4, num_stages=4, swap_ab=True),
+            down=GemmOptions(block_n=64, block_k=block_k, num_warps=4, num_stages=4, swap_ab=True))
+    if rows <= 64:
+        return MoEKernelConfig(
+            block_m=64,
+            gate_up=GemmOptions(block_n=64, block_k=block_k, num_warps=4, num_stages=4, swap_ab=True),
+            down=GemmOptions(block_n=64, block_k=block_k, num_warps=4, num_stages=4, swap_ab=True))
+    return MoEKernelConfig(
+        block_m=128,
+        gate_up=GemmOptions(block_n=128, block_k=block_k, num_warps=8, num_stages=3),
+        down=GemmOptions(block_n=128, block_k=block_k, num_warps=8, num_stages=3))
+
+
+def _supported(device: torch.device, min_cc: tuple[int, int], what: str) -> tuple[bool, str]:
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available"
+        cc = torch.cuda.get_device_capability(device)
+        if cc < min_cc:
+            return False, f"{what} needs compute capability >= {min_cc[0]}.{min_cc[1]}, this GPU has {cc[0]}.{cc[1]}"
+        return True, ""
+    if device.type == "cpu":
+        if INTERPRETED:
+            return True, ""
+        return False, ("Triton kernels need a CUDA GPU; on CPU they run only under Triton's interpreter "
+                       "(TRITON_INTERPRET=1 before gptoss is imported; slow, for tests)")
+    return False, f"device type {device.type!r} is not supported (CUDA GPUs)"
+
+
+class _TritonMoE(MoEBackend):
+    act: ClassVar[str] = "bf16"
+    min_cc: ClassVar[tuple[int, int]] = (8, 0)
+    what: ClassVar[str] = ""
+
+    @classmethod
+    def is_supported(cls, device, config):
+        return _supported(torch.device(device), cls.min_cc, cls.what)
+
+    def __init__(self, weights: MoEWeights, spec: MoESpec, dtype: torch.dtype, *,
+                 config: MoEKernelConfig | Callable[[int], MoEKernelConfig] | None = None,
+                 layout_block_k: int = 0):
+        """config: one MoEKernelConfig, or tokens -> config; None: default_config. layout_block_k:
+        0 keeps the checkpoint's row layout (no copy); a power of two re-lays the weights k-blocked
+        (each tile one contiguous run) and every config must then use that block_k."""
+        super().__init__(weights, spec, dtype)
+        fp8 = self.act == "fp8"
+        self.layout_block_k = layout_block_k
+        self.w1 = prepare_mxfp4_weight(weights.gate_up_blocks, weights.gate_up_scales, layout_block_k, fp8)
+        self.w2 = prepare_mxfp4_weight(weights.down_blocks, weights.down_scales, layout_block_k, fp8)
+        self.b1 = weights.gate_up_bias.float().contiguous()
+        self.b2 = weights.down_bias.float().contiguous() if spec.add_down_bias else None
+        self._config = config
+
+    def config_for(self, num_tokens: int) -> MoEKernelConfig:
+        if isinstance(self._config, MoEKernelConfig):
+            return self._config
+        if self._config is not None:
+            return self._config(num_tokens)
+        return default_config(num_tokens, self.spec, self.act, self.layout_block_k or 128)
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        cfg = self.config_for(x.shape[0])
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        with record_function("moe.route"):
+            routing = moe_routing(router_logits, spec.top_k, spec.expert_start, spec.local_experts,
+                                  RoutingOptions(block_m=cfg.block_m))
+        x_amax = row_absmax(x) if self.act == "fp8" else None
+        with record_function("moe.w1"):
+            a, a_amax = moe_gate_up(x, routing, self.w1, self.b1, self.act, spec.swiglu_alpha,
+                                    spec.swiglu_limit, cfg.gate_up, x_amax)
+        with record_function("moe.w2"):
+            return moe_down(a, a_amax, routing, self.w2, self.b2, self.act, cfg.down, spec.expert_start,
+                            spec.local_experts, cfg.fused_combine, x.dtype)
+
+
+@register_moe_backend("triton")
+class TritonMoE(_TritonMoE):
+    """bf16 activations x MXFP4 weights."""
+    act = "bf16"
+    min_cc = (8, 0)
+    what = "the triton MoE backend (bf16 x MXFP4 via tl.dot_scaled)"
+
+
+@register_moe_backend("triton_fp8")
+class TritonFp8MoE(_TritonMoE):
+    """e4m3 activations (dynamic per-token scales) x MXFP4 weights on fp8 tensor cores."""
+    act = "fp8"
+    min_cc = (8, 9)
+    what = "fp8 tensor cores (triton_fp8)"
+
+
+@register_moe_backend("triton_mxfp8")
+class TritonMxfp8MoE(_TritonMoE):
+    """mxfp8 activations x MXFP4 weights through tl.dot_scaled (native on sm_100, emulated before)."""
+    act = "mxfp8"
+    min_cc = (8, 0)
+    what = "the triton_mxfp8 MoE backend (tl.dot_scaled, emulated below sm_100)"

@@ -1,0 +1,93 @@
+"""GPU check at the gpt-oss-20b shape: our bf16 model vs transformers' GptOssForCausalLM (MXFP4 dequantized).
+
+    python scripts/gpu_parity.py [--ckpt DIR] [--moe-backend NAME ...]
+
+Makes the 20b-shaped random checkpoint on the GPU (timed) unless --ckpt exists, then compares the
+last-position logits of a few prompts: normalised max error max|ours - ref| / max|ref| (target <= 2e-2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+
+def our_logits(ckpt, backend, prompts):
+    from gptoss import LLM, SamplingParams
+    llm = LLM(str(ckpt), moe_backend=backend, dtype="bfloat16", device="cuda", max_model_len=4096,
+              kv_cache_memory_bytes=2 << 30, progress=False)
+    captured = []
+    model = llm.engine.model
+    orig = model.compute_logits
+
+    def capture(hidden):
+        out = orig(hidden)
+        captured.append(out.detach().clone())
+        return out
+
+    model.compute_logits = capture
+    logits, tokens = [], []
+    for p in prompts:
+        captured.clear()
+        o = llm.generate({"prompt_token_ids": p}, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+                         use_tqdm=False)[0]
+        logits.append(captured[0][0].float().cpu())
+        tokens.append(o.outputs[0].token_ids)
+    del llm, model, orig
+    gc.collect()
+    torch.cuda.empty_cache()
+    return logits, tokens
+
+
+def hf_logits(ckpt, prompts):
+    from transformers import GptOssForCausalLM, Mxfp4Config
+    m = GptOssForCausalLM.from_pretrained(str(ckpt), quantization_config=Mxfp4Config(dequantize=True),
+                                          dtype=torch.bfloat16, device_map="cuda").eval()
+    logits, tokens = [], []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p], device="cuda")
+            logits.append(m(ids).logits[0, -1].float().cpu())
+            g = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+            tokens.append(g[0, len(p):].tolist())
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+    return logits, tokens
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", default="/tmp/gptoss-20b")
+    ap.add_argument("--moe-backend", nargs="+", default=["torch"])
+    a = ap.parse_args()
+    ckpt = Path(a.ckpt)
+    if not (ckpt / "config.json").exists():
+        from gptoss.testing import make_checkpoint
+        t0 = time.perf_counter()
+        make_checkpoint(ckpt, preset="gpt-oss-20b", seed=0, device="cuda")
+        print(f"make-checkpoint gpt-oss-20b on {torch.cuda.get_device_name()}: {time.perf_counter() - t0:.1f}s")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 199998, (n,), generator=g).tolist() for n in (7, 200, 1500)]
+    ref, ref_tok = hf_logits(ckpt, prompts)
+    rows = []
+    for backend in a.moe_backend:
+        ours, tok = our_logits(ckpt, backend, prompts)
+        for p, r, o, rt, t in zip(prompts, ref, ours, ref_tok, tok):
+            err = ((o - r).abs().max() / r.abs().max()).item()
+            rms = ((o - r).pow(2).mean().sqrt() / r.abs().max()).item()
+            same = next((i for i, (x, y) in enumerate(zip(rt, t)) if x != y), len(t))
+            rows.append((backend, len(p), err, rms, same, r.std().item()))
+    print(f"\n{'backend':10s} {'prompt':>6s} {'norm max err':>12s} {'norm rms err':>12s} "
+          f"{'same greedy':>11s} {'ref logit std':>13s}")
+    for b, n, e, r, s, sd in rows:
+        print(f"{b:10s} {n:6d} {e:12.2e} {r:12.2e} {s:8d}/32 {sd:13.3f}  {'OK' if e <= 2e-2 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
