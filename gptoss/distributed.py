@@ -42,3 +42,13 @@ class ParallelState:
         import torch.distributed as dist
         dist.all_reduce(x, group=self.group)
         return x
+
+
+def check_parallel_sizes(config, tp_size: int, expert_parallel: bool) -> None:
+    """Fail before any process starts if the model does not split over tp_size ranks."""
+    h, kv = config.num_attention_heads, config.num_key_value_heads
+    if h % tp_size:
+        raise ValueError(f"{h} attention heads do not split evenly over tensor_parallel_size={tp_size}")
+    if kv % tp_size and tp_size % kv:
+        raise ValueError(f"{kv} kv heads and tensor_parallel_size={tp_size}: one must divide the other")
+    ParallelState(tp_size, 0, expert_parallel).moe_spec(config)  # raises on an uneven expert split

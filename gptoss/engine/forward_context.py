@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,13 +17,7 @@ class ForwardContext:
     max_query_len: int
     max_seq_len: int
     logits_indices: torch.Tensor    # int64 [S]: rows of the hidden states that get unembedded
-    query_lens_cpu: list[int] = field(default_factory=list)   # host copies for the torch paths
-    seq_lens_cpu: list[int] = field(default_factory=list)
-    kv_caches: list | None = None   # per layer (k_cache, v_cache[, k_scale, v_scale])
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.seq_lens_cpu)
+    kv_caches: list | None = None   # per layer LayerKVCache
 
 
 _CTX: ForwardContext | None = None

@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 
 from ..config import EngineConfig, ModelConfig
-from ..model.gpt_oss import Transformer
-from ..model.weights import CheckpointError, load_weights, resolve_model_path
-from ..moe import get_moe_backend
+from ..distributed import ParallelState, check_parallel_sizes
+from ..model.weights import CheckpointError, resolve_model_path
 from ..outputs import CompletionOutput, Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import decode
 from .kv_cache import BlockPool, allocate_kv_caches, kv_bytes_per_token
 from .model_runner import ModelRunner
+from .worker import Worker
 from .request import Request
 from .scheduler import Scheduler
 
@@ -53,22 +53,31 @@ class LLMEngine:
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={mc.max_position_embeddings}")
-        if config.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not available yet; use 1")
-        backend_cls = get_moe_backend(config.moe_backend, self.device, mc)
-        self.moe_backend = backend_cls.name
-        self.model = Transformer(mc, self.dtype, self.device, self.max_model_len)
-        load_weights(self.model, root, progress=progress)
-        self.model.bind_moe_backend(backend_cls)
         self.kv_fp8 = config.kv_cache_dtype == "fp8"
         self.block_size = config.block_size
         self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
-        num_blocks = self._size_kv_cache()
-        self.pool = BlockPool(num_blocks, self.block_size, config.enable_prefix_caching)
+        # ranks 1.. of a tensor-parallel group run in their own processes; this process is rank 0
+        self.workers = None
+        par = ParallelState()
+        if config.tensor_parallel_size > 1:
+            from .tp import WorkerGroup
+            check_parallel_sizes(mc, config.tensor_parallel_size, config.enable_expert_parallel)
+            self.workers = WorkerGroup(config, self.device)
+            par = self.workers.parallel_state
+        try:
+            self.worker = Worker(config, root, mc, self.device, self.dtype, self.max_model_len, par, progress)
+            self.moe_backend = self.worker.moe_backend
+            self.model = self.worker.model
+            num_blocks = self._size_kv_cache()
+            if self.workers is not None:  # every rank must agree on the pool size: take the smallest
+                num_blocks = self.workers.agree_min(num_blocks)
+            self.pool = BlockPool(num_blocks, self.block_size, config.enable_prefix_caching)
+            self.runner = self.worker.init_runner(num_blocks, self.block_size, self.kv_fp8, config.seed, self.workers)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.shutdown()
+            raise
         self.num_computed_tokens_total = 0  # tokens run through the model, over the engine's life
-        kv = allocate_kv_caches(mc.num_hidden_layers, num_blocks, self.block_size, mc.num_key_value_heads,
-                                mc.head_dim, self.dtype, self.kv_fp8, self.device)
-        self.runner = ModelRunner(self.model, kv, self.block_size, self.device, config.seed)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, self.max_num_batched_tokens)
         self._ids = itertools.count()
         self.driven_by_async = False  # set while an AsyncLLM steps this engine in its thread
@@ -76,10 +85,12 @@ class LLMEngine:
     # --- setup -----------------------------------------------------------------------------------
     def _size_kv_cache(self) -> int:
         mc, cfg = self.model_config, self.config
-        per_token = kv_bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+        per_token = kv_bytes_per_token(mc.num_hidden_layers, self.worker.num_kv_heads, mc.head_dim,
                                        self.kv_fp8, self.dtype.itemsize)
         if cfg.kv_cache_memory_bytes is not None:
             budget = cfg.kv_cache_memory_bytes
+        elif self.device.type == "cuda" and self.workers is not None:
+            return self.worker.kv_blocks_that_fit(cfg, self.max_model_len)
         elif self.device.type == "cuda":
             budget = self._profile_free_memory()
         else:
@@ -96,7 +107,7 @@ class LLMEngine:
         """What gpu_memory_utilization leaves after the weights and the activations of the largest
         step (measured with one forward on a 2-block cache)."""
         mc = self.model_config
-        kv = allocate_kv_caches(mc.num_hidden_layers, 2, self.block_size, mc.num_key_value_heads,
+        kv = allocate_kv_caches(mc.num_hidden_layers, 2, self.block_size, self.worker.num_kv_heads,
                                 mc.head_dim, self.dtype, self.kv_fp8, self.device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -153,6 +164,11 @@ class LLMEngine:
             req = self.scheduler.requests.get(rid)
             if req is not None:
                 self.scheduler.finish(req, "abort")
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (no-op with one process)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -12,52 +12,66 @@ from .sampler import SamplerOutput, sample
 from .scheduler import SchedulerOutput
 
 
+HEADER = 6  # T, B, table width, rows to unembed, max query len, max seq len
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, kv_caches: list[LayerKVCache], block_size: int, device,
-                 seed: int = 0):
+                 seed: int = 0, group=None):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = torch.device(device)
+        self.group = group  # tensor-parallel worker group (rank 0 only), or None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
-    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[Request]]:
+    def _pack(self, out: SchedulerOutput) -> tuple[list[int], torch.Tensor, list[Request]]:
+        """The whole step as one int64 tensor: one host-to-device copy, and one broadcast under TP."""
         bs = self.block_size
-        ids, pos, slots, qsl, seq_lens, qlens, logits_rows, samplers = [], [], [], [0], [], [], [], []
+        ids, pos, slots, qsl, seq_lens, rows, samplers = [], [], [], [0], [], [], []
         for r in out.requests:
             n = out.num_scheduled_tokens[r.request_id]
             start = r.num_computed_tokens
-            tokens = r.all_token_ids[start:start + n]
-            ids.extend(tokens)
+            ids.extend(r.all_token_ids[start:start + n])
             p = range(start, start + n)
             pos.extend(p)
             slots.extend(r.block_ids[i // bs] * bs + i % bs for i in p)
             qsl.append(qsl[-1] + n)
-            qlens.append(n)
             seq_lens.append(start + n)
             if start + n == r.num_tokens:  # caught up with its tokens: this step samples its next one
-                logits_rows.append(qsl[-1] - 1)
+                rows.append(qsl[-1] - 1)
                 samplers.append(r)
         width = max(len(r.block_ids) for r in out.requests)
-        tables = [r.block_ids + [0] * (width - len(r.block_ids)) for r in out.requests]
-        dev = self.device
+        tables = [b for r in out.requests for b in r.block_ids + [0] * (width - len(r.block_ids))]
+        max_q = max(b - a for a, b in zip(qsl, qsl[1:]))
+        header = [len(ids), len(seq_lens), width, len(rows), max_q, max(seq_lens)]
+        flat = torch.tensor(header + ids + pos + slots + qsl + seq_lens + tables + rows, dtype=torch.int64)
+        return header, flat.to(self.device, non_blocking=True), samplers
 
-        def t(x, dtype):
-            return torch.tensor(x, dtype=dtype).to(dev, non_blocking=True)
-
+    def unpack(self, header: list[int], flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        T, B, W, S, max_q, max_s = header
+        sizes = [HEADER, T, T, T, B + 1, B, B * W, S]
+        _, ids, pos, slots, qsl, seq_lens, tables, rows = flat.split(sizes)
+        i32 = torch.int32
         ctx = ForwardContext(
-            query_start_loc=t(qsl, torch.int32), seq_lens=t(seq_lens, torch.int32),
-            block_tables=t(tables, torch.int32), slot_mapping=t(slots, torch.int64),
-            max_query_len=max(qlens), max_seq_len=max(seq_lens), logits_indices=t(logits_rows, torch.int64),
-            query_lens_cpu=qlens, seq_lens_cpu=seq_lens, kv_caches=self.kv_caches)
-        return t(ids, torch.int64), t(pos, torch.int64), ctx, samplers
+            query_start_loc=qsl.to(i32), seq_lens=seq_lens.to(i32), block_tables=tables.view(B, W).to(i32),
+            slot_mapping=slots, max_query_len=max_q, max_seq_len=max_s, logits_indices=rows,
+            kv_caches=self.kv_caches)
+        return ids, pos, ctx
+
+    @torch.inference_mode()
+    def forward(self, header: list[int], flat: torch.Tensor) -> tuple[torch.Tensor, ForwardContext]:
+        input_ids, positions, ctx = self.unpack(header, flat)
+        with set_forward_context(ctx):
+            return self.model(input_ids, positions), ctx
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
-        input_ids, positions, ctx, samplers = self._prepare(out)
-        with set_forward_context(ctx):
-            hidden = self.model(input_ids, positions)
+        header, flat, samplers = self._pack(out)
+        if self.group is not None:
+            self.group.send_step(header, flat)
+        hidden, ctx = self.forward(header, flat)
         if not samplers:
             return samplers, None
         logits = self.model.compute_logits(hidden[ctx.logits_indices])
@@ -83,7 +97,7 @@ class ModelRunner:
             slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=dev),
             max_query_len=max(qlens), max_seq_len=max(qlens),
             logits_indices=torch.tensor(qsl[1:], device=dev) - 1,
-            query_lens_cpu=qlens, seq_lens_cpu=qlens, kv_caches=self.kv_caches)
+            kv_caches=self.kv_caches)
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
         pos = torch.cat([torch.arange(q, device=dev) for q in qlens])
         with set_forward_context(ctx):

@@ -1,0 +1,153 @@
+"""Tensor / expert parallel worker processes: ranks 1..N-1 of the group, started and stopped by rank 0.
+
+Rank 0 (the engine's process) schedules and samples; every step it broadcasts the step's packed int64
+tensor and all ranks run the forward in lockstep, all-reducing after attention and after the MoE.
+Only tensors cross between processes (torch.distributed over 127.0.0.1: gloo on CPU, NCCL on GPUs);
+the spawn arguments travel over multiprocessing's local pipe. Workers are daemons, so they end with
+the engine's process; a dead worker turns the next step into a clear error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ..distributed import ParallelState
+
+CMD_STEP, CMD_STOP = 1, 0
+TIMEOUT = datetime.timedelta(seconds=120)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world: int, port: int, device: torch.device) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=TIMEOUT)
+
+
+def _rank_device(base: torch.device, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if base.type == "cuda" else base
+
+
+class WorkerGroup:
+    def __init__(self, config, device: torch.device):
+        self.world = config.tensor_parallel_size
+        if device.type == "cuda" and torch.cuda.device_count() < self.world:
+            raise ValueError(f"tensor_parallel_size={self.world} needs {self.world} GPUs; "
+                             f"{torch.cuda.device_count()} are visible")
+        if dist.is_initialized():
+            raise RuntimeError("another tensor-parallel engine is running in this process; shut it down "
+                               "first (llm.engine.shutdown())")
+        self.device = device
+        port = _free_port()
+        ctx = mp.get_context("spawn")
+        cfg = dataclasses.asdict(config)
+        self.procs = [ctx.Process(target=_worker_main, args=(r, self.world, port, cfg, device.type),
+                                  daemon=True, name=f"gptoss-tp{r}") for r in range(1, self.world)]
+        for p in self.procs:
+            p.start()
+        _init(0, self.world, port, device)
+        self.parallel_state = ParallelState(self.world, 0, config.enable_expert_parallel, dist.group.WORLD)
+        self._closed = False
+
+    def _check_alive(self) -> None:
+        dead = [p for p in self.procs if not p.is_alive()]
+        if dead:
+            self._closed = True
+            raise RuntimeError(f"tensor-parallel worker {dead[0].name} exited (code {dead[0].exitcode}); "
+                               f"the engine cannot continue: create a new LLM")
+
+    def agree_min(self, value: int) -> int:
+        self._check_alive()
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def send_step(self, header: list[int], flat: torch.Tensor) -> None:
+        self._check_alive()
+        try:
+            dist.broadcast(torch.tensor([CMD_STEP, flat.numel()] + header, dtype=torch.int64,
+                                        device=self.device), src=0)
+            dist.broadcast(flat, src=0)
+        except RuntimeError as e:
+            self._check_alive()
+            raise RuntimeError(f"tensor-parallel broadcast failed: {e}") from None
+
+    def shutdown(self) -> None:
+        if not hasattr(self, "procs"):
+            return
+        try:
+            if not self._closed and all(p.is_alive() for p in self.procs):
+                dist.broadcast(torch.tensor([CMD_STOP, 0, 0, 0, 0, 0, 0, 0], dtype=torch.int64,
+                                            device=self.device), src=0)
+        except RuntimeError:
+            pass
+        self._closed = True
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        self.procs = []
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+def _worker_main(rank: int, world: int, port: int, cfg: dict, device_type: str) -> None:
+    # the rank's own process: build its slice of the model, then run forwards until told to stop
+    from ..config import EngineConfig, ModelConfig
+    from ..model.weights import resolve_model_path
+    from .llm_engine import _DTYPES
+    from .worker import Worker
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    config = EngineConfig(**cfg)
+    device = _rank_device(torch.device(device_type), rank)
+    try:
+        _init(rank, world, port, device)
+        root = resolve_model_path(config.model, config.revision)
+        mc = ModelConfig.from_json(root / "config.json")
+        dtype = _DTYPES.get(config.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        max_len = config.max_model_len or mc.max_position_embeddings
+        par = ParallelState(world, rank, config.enable_expert_parallel, dist.group.WORLD)
+        worker = Worker(config, root, mc, device, dtype, max_len, par, progress=False)
+        # agree on the pool size with rank 0 (which sized it the same way), then allocate ours
+        mine = worker.kv_blocks_that_fit(config, max_len) if device.type == "cuda" else 2 ** 62
+        t = torch.tensor([mine], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        runner = worker.init_runner(int(t.item()), config.block_size, config.kv_cache_dtype == "fp8", config.seed)
+        while True:
+            head = torch.zeros(8, dtype=torch.int64, device=device)
+            dist.broadcast(head, src=0)
+            cmd, n, *header = head.tolist()
+            if cmd == CMD_STOP:
+                break
+            flat = torch.empty(n, dtype=torch.int64, device=device)
+            dist.broadcast(flat, src=0)
+            runner.forward(header, flat)
+    except Exception:
+        traceback.print_exc()
+        raise SystemExit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,49 @@
+"""One rank's share of the model: its weights (a slice of heads and experts), its KV cache, its runner.
+
+Rank 0 lives in the engine's process; with tensor parallelism the other ranks build the same Worker
+in their own processes (engine/tp.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import EngineConfig, ModelConfig
+from ..distributed import ParallelState
+from ..model.gpt_oss import Transformer
+from ..model.weights import load_weights
+from ..moe import get_moe_backend
+from .kv_cache import allocate_kv_caches, kv_bytes_per_token
+from .model_runner import ModelRunner
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, root: Path, mc: ModelConfig, device: torch.device,
+                 dtype: torch.dtype, max_model_len: int, par: ParallelState, progress: bool):
+        backend_cls = get_moe_backend(config.moe_backend, device, mc)
+        self.moe_backend = backend_cls.name
+        self.device, self.dtype, self.mc = device, dtype, mc
+        self.model = Transformer(mc, dtype, device, max_model_len, par)
+        load_weights(self.model, root, progress=progress and par.tp_rank == 0)
+        self.model.bind_moe_backend(backend_cls)
+        self.num_kv_heads = self.model.layers[0].attn.num_kv_heads
+
+    def kv_blocks_that_fit(self, config: EngineConfig, max_model_len: int) -> int:
+        """KV blocks that fit beside the weights under gpu_memory_utilization, with the activations of
+        the largest step estimated (used where a profiling forward cannot run alone: TP ranks)."""
+        mc = self.mc
+        tokens = config.max_num_batched_tokens or 8192
+        # residual stream, qkv, attention out, MoE gather/intermediate (top-k rows), fp32 logits
+        act = tokens * mc.hidden_size * 4 * (8 + 4 * mc.num_experts_per_tok) + config.max_num_seqs * mc.vocab_size * 12
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = int(total * config.gpu_memory_utilization) - (total - free) - act
+        per_token = kv_bytes_per_token(mc.num_hidden_layers, self.num_kv_heads, mc.head_dim,
+                                       config.kv_cache_dtype == "fp8", self.dtype.itemsize)
+        return max(0, budget // (per_token * config.block_size)) + 1
+
+    def init_runner(self, num_blocks: int, block_size: int, fp8: bool, seed: int, group=None) -> ModelRunner:
+        kv = allocate_kv_caches(self.mc.num_hidden_layers, num_blocks, block_size, self.num_kv_heads,
+                                self.mc.head_dim, self.dtype, fp8, self.device)
+        return ModelRunner(self.model, kv, block_size, self.device, seed, group)
