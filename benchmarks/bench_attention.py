@@ -15,7 +15,6 @@ which clears the L2 cache between runs.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -24,23 +23,36 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptoss.kernels.attention import DEFAULT_OPTIONS, AttentionOptions, paged_attention  # noqa: E402
+from gptoss.kernels.attention import (DEFAULT_FP8_OPTIONS, DEFAULT_OPTIONS, AttentionOptions,  # noqa: E402
+                                      paged_attention)
 from gptoss.kernels.attention_torch import paged_attention_torch, quantize_fp8_torch  # noqa: E402
 
 HQ, HKV, D = 64, 8, 64
 FP8 = torch.float8_e4m3fn
 
 
-def bench(fn) -> float:
-    """Median time in microseconds."""
+def bench(fn, graph: bool = True) -> float:
+    """Median time in microseconds of fn replayed as a CUDA graph (as the engine runs it: no Python
+    launch overhead in the number), L2 cleared before each replay."""
     import triton.testing
+    fn()  # compile
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
 
 
 def copy_bandwidth() -> float:
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    return 2 * x.numel() / (bench(lambda: y.copy_(x)) * 1e-6) / 1e12  # TB/s, read + write
+    return 2 * x.numel() / (bench(lambda: y.copy_(x), graph=False) * 1e-6) / 1e12  # TB/s, read + write
 
 
 def make_cache(batch: int, ctx: int, block_size: int, fp8: bool, q_tokens: int = 1):
@@ -71,21 +83,17 @@ def kv_bytes(batch: int, ctx: int, fp8: bool) -> int:
     return 2 * batch * ctx * per_token
 
 
-def run_decode(batch, ctx, fp8, block_size=16, window=None, opts=DEFAULT_OPTIONS):
-    q, kc, vc, tables, qsl, seq_lens, sinks, ks, vs = make_cache(batch, ctx, block_size, fp8)
+def run_decode(batch, ctx, fp8, block_size=16, window=None, opts=None, cache=None):
+    q, kc, vc, tables, qsl, seq_lens, sinks, ks, vs = cache or make_cache(batch, ctx, block_size, fp8)
     fn = lambda: paged_attention(q, kc, vc, tables, qsl, seq_lens, 1, ctx, sinks, D ** -0.5, window,  # noqa: E731
                                  ks, vs, options=opts)
-    fn()
-    t = bench(fn)
-    del q, kc, vc, ks, vs
-    return t
+    return bench(fn)
 
 
-def run_prefill(tokens, fp8, block_size=16, window=None, opts=DEFAULT_OPTIONS):
+def run_prefill(tokens, fp8, block_size=16, window=None, opts=None):
     q, kc, vc, tables, qsl, seq_lens, sinks, ks, vs = make_cache(1, tokens, block_size, fp8, q_tokens=tokens)
     fn = lambda: paged_attention(q, kc, vc, tables, qsl, seq_lens, tokens, tokens, sinks, D ** -0.5,  # noqa: E731
                                  window, ks, vs, options=opts)
-    fn()
     return bench(fn)
 
 
@@ -93,15 +101,16 @@ def prefill_flops(tokens: int) -> float:
     return 4.0 * HQ * D * tokens * (tokens + 1) / 2
 
 
-def gpu_tables(copy_bw: float, opts: AttentionOptions, block_size: int) -> None:
+def gpu_tables(copy_bw: float, options: dict[bool, AttentionOptions], block_size: int) -> None:
     name = torch.cuda.get_device_name()
-    print(f"\n## decode (one token per sequence), block_size {block_size}, {opts}")
+    print(f"\n## options: bf16 {options[False]}\n##          fp8  {options[True]}")
+    print(f"\n## decode (one token per sequence), block_size {block_size}")
     print("| GPU | batch | context | kv dtype | time us (median) | KV read TB/s | % of copy bw |")
     print("|---|---|---|---|---|---|---|")
     for batch in (1, 8, 64):
         for ctx in (1024, 8192, 32768):
             for fp8 in (False, True):
-                t = run_decode(batch, ctx, fp8, block_size, opts=opts)
+                t = run_decode(batch, ctx, fp8, block_size, opts=options[fp8])
                 bw = kv_bytes(batch, ctx, fp8) / (t * 1e-6) / 1e12
                 print(f"| {name} | {batch} | {ctx} | {'fp8' if fp8 else 'bf16'} | {t:.1f} | {bw:.2f} | "
                       f"{100 * bw / copy_bw:.0f}% |", flush=True)
@@ -110,7 +119,7 @@ def gpu_tables(copy_bw: float, opts: AttentionOptions, block_size: int) -> None:
     print("|---|---|---|---|---|")
     for batch in (1, 64):
         for fp8 in (False, True):
-            t = run_decode(batch, 8192, fp8, block_size, window=128, opts=opts)
+            t = run_decode(batch, 8192, fp8, block_size, window=128, opts=options[fp8])
             print(f"| {name} | {batch} | 8192 | {'fp8' if fp8 else 'bf16'} | {t:.1f} |", flush=True)
     print(f"\n## prefill (one sequence, causal), block_size {block_size}")
     print("| GPU | tokens | window | kv dtype | time us (median) | TFLOP/s |")
@@ -118,51 +127,76 @@ def gpu_tables(copy_bw: float, opts: AttentionOptions, block_size: int) -> None:
     for tokens in (2048, 8192):
         for window in (None, 128):
             for fp8 in (False, True):
-                t = run_prefill(tokens, fp8, block_size, window, opts=opts)
+                t = run_prefill(tokens, fp8, block_size, window, opts=options[fp8])
                 flops = prefill_flops(tokens) if window is None else 4.0 * HQ * D * tokens * min(tokens, 128)
                 print(f"| {name} | {tokens} | {window or 'off'} | {'fp8' if fp8 else 'bf16'} | {t:.1f} | "
                       f"{flops / (t * 1e-6) / 1e12:.0f} |", flush=True)
 
 
-def tune(copy_bw: float) -> AttentionOptions:
-    """Sweeps decode options at batch 64 x 8k and prefill options at 8k; returns the best."""
-    best = DEFAULT_OPTIONS
-    print("\n## tuning decode at batch 64 x 8192 (bf16 | fp8, % of copy bw)")
-    scores = []
-    for bn, warps, stages in ((64, 4, 3), (64, 4, 4), (32, 4, 3), (128, 4, 3), (128, 8, 3), (64, 8, 3),
-                              (64, 4, 2), (128, 4, 2)):
-        o = replace(best, decode_block_n=bn, decode_num_warps=warps, decode_num_stages=stages)
-        try:
-            tb = run_decode(64, 8192, False, opts=o)
-            tf = run_decode(64, 8192, True, opts=o)
-        except Exception as e:  # a config that does not compile (e.g. shared memory): say so, go on
-            print(f"block_n {bn} warps {warps} stages {stages}: failed {type(e).__name__}: {e}"[:300])
-            continue
-        pb = 100 * kv_bytes(64, 8192, False) / (tb * 1e-6) / 1e12 / copy_bw
-        pf = 100 * kv_bytes(64, 8192, True) / (tf * 1e-6) / 1e12 / copy_bw
-        print(f"block_n {bn} warps {warps} stages {stages}: {tb:.1f} us {pb:.0f}% | {tf:.1f} us {pf:.0f}%",
-              flush=True)
-        scores.append((pb + pf, (bn, warps, stages)))
-    bn, warps, stages = max(scores)[1]
-    best = replace(best, decode_block_n=bn, decode_num_warps=warps, decode_num_stages=stages)
-    print("\n## tuning prefill at 8192 tokens (bf16 | fp8 TFLOP/s)")
-    scores = []
-    for bm, bn, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                  (128, 32, 4, 3), (128, 64, 4, 4), (128, 64, 4, 2)):
-        o = replace(best, prefill_block_m=bm, prefill_block_n=bn, prefill_num_warps=warps,
-                    prefill_num_stages=stages)
-        try:
-            tb = run_prefill(8192, False, opts=o)
-            tf = run_prefill(8192, True, opts=o)
-        except Exception as e:
-            print(f"block_m {bm} block_n {bn} warps {warps} stages {stages}: failed {type(e).__name__}: {e}"[:300])
-            continue
-        fb, ff = (prefill_flops(8192) / (t * 1e-6) / 1e12 for t in (tb, tf))
-        print(f"block_m {bm} block_n {bn} warps {warps} stages {stages}: {fb:.0f} | {ff:.0f}", flush=True)
-        scores.append((fb + ff, (bm, bn, warps, stages)))
-    bm, bn, warps, stages = max(scores)[1]
-    return replace(best, prefill_block_m=bm, prefill_block_n=bn, prefill_num_warps=warps,
-                   prefill_num_stages=stages)
+def tune(copy_bw: float) -> dict[bool, AttentionOptions]:
+    """Sweeps decode options at batch 64 x 8k and prefill options at 8k, per KV dtype; returns the best."""
+    best = {}
+    for fp8 in (False, True):
+        kind = "fp8" if fp8 else "bf16"
+        dots = ("fp16", "bf16") if fp8 else ("fp16",)
+        print(f"\n## tuning {kind} decode at batch 64 x 8192 (time us, % of copy bw)")
+        scores = []
+        for dot in dots:
+            for bn, warps, stages, splits in ((64, 4, 3, None), (128, 4, 2, None), (128, 4, 3, None),
+                                              (256, 4, 2, None), (256, 8, 2, None), (128, 4, 2, 2),
+                                              (256, 8, 3, None)):
+                base = DEFAULT_FP8_OPTIONS if fp8 else DEFAULT_OPTIONS
+                o = replace(base, decode_block_n=bn, decode_num_warps=warps, decode_num_stages=stages,
+                            decode_num_splits=splits, fp8_dot=dot)
+                label = f"dot {dot} block_n {bn} warps {warps} stages {stages} splits {splits}"
+                try:
+                    t = run_decode(64, 8192, fp8, opts=o)
+                except Exception as e:  # a config that does not compile (e.g. shared memory): say so
+                    print(f"{label}: failed {type(e).__name__}: {e}"[:300])
+                    continue
+                pct = 100 * kv_bytes(64, 8192, fp8) / (t * 1e-6) / 1e12 / copy_bw
+                print(f"{label}: {t:.1f} us {pct:.0f}%", flush=True)
+                scores.append((-t, o))
+        o = max(scores, key=lambda x: x[0])[1]
+        print(f"\n## tuning {kind} prefill at 8192 tokens (TFLOP/s)")
+        scores = []
+        for dot in dots:
+            for bm, bn, warps, stages in ((128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3),
+                                          (64, 64, 4, 3), (128, 64, 4, 2)):
+                p = replace(o, prefill_block_m=bm, prefill_block_n=bn, prefill_num_warps=warps,
+                            prefill_num_stages=stages, fp8_dot=dot)
+                label = f"dot {dot} block_m {bm} block_n {bn} warps {warps} stages {stages}"
+                try:
+                    t = run_prefill(8192, fp8, opts=p)
+                except Exception as e:
+                    print(f"{label}: failed {type(e).__name__}: {e}"[:300])
+                    continue
+                print(f"{label}: {t:.1f} us {prefill_flops(8192) / (t * 1e-6) / 1e12:.0f}", flush=True)
+                scores.append((-t, p))
+        best[fp8] = max(scores, key=lambda x: x[0])[1]
+    return best
+
+
+def sweep_splits(copy_bw: float) -> None:
+    """% of copy bandwidth per number of context splits, decode tile and KV dtype."""
+    print("\n## decode: % of copy bw by number of splits (block_size 16)")
+    for fp8 in (False, True):
+        for batch, ctx in ((1, 8192), (1, 32768), (8, 8192), (8, 32768), (64, 1024), (64, 8192), (64, 32768)):
+            cache = make_cache(batch, ctx, 16, fp8)
+            for bn, warps, stages in ((128, 4, 2), (256, 4, 2), (64, 4, 2)):
+                cells = []
+                for splits in (1, 2, 3, 4, 8, 16, 32, 64):
+                    if batch * HKV * splits > 8192 or ctx // splits < 128:
+                        continue
+                    base = DEFAULT_FP8_OPTIONS if fp8 else DEFAULT_OPTIONS
+                    o = replace(base, decode_block_n=bn, decode_num_warps=warps, decode_num_stages=stages,
+                                decode_num_splits=splits)
+                    t = run_decode(batch, ctx, fp8, opts=o, cache=cache)
+                    pct = 100 * kv_bytes(batch, ctx, fp8) / (t * 1e-6) / 1e12 / copy_bw
+                    cells.append(f"s{splits} {t:.0f}us {pct:.0f}%")
+                print(f"{'fp8' if fp8 else 'bf16'} B={batch} ctx={ctx} bn{bn}w{warps}s{stages}: "
+                      + " | ".join(cells), flush=True)
+            del cache
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,6 +258,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--accuracy", action="store_true", help="fp8 scale granularity table (CPU is fine)")
     ap.add_argument("--tune", action="store_true", help="sweep kernel options first, then print the tables")
+    ap.add_argument("--sweep-splits", action="store_true", help="decode bandwidth by number of splits")
     ap.add_argument("--block-size", type=int, nargs="+", default=[16])
     args = ap.parse_args()
     if args.accuracy:
@@ -235,9 +270,12 @@ def main() -> None:
     copy_bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw:.2f} TB/s (read + write), "
           f"torch {torch.__version__}")
-    opts = tune(copy_bw) if args.tune else DEFAULT_OPTIONS
+    if args.sweep_splits:
+        sweep_splits(copy_bw)
+        return
+    options = tune(copy_bw) if args.tune else {False: DEFAULT_OPTIONS, True: DEFAULT_FP8_OPTIONS}
     for bs in args.block_size:
-        gpu_tables(copy_bw, opts, bs)
+        gpu_tables(copy_bw, options, bs)
 
 
 if __name__ == "__main__":

@@ -35,23 +35,21 @@ def _tool_names(tools) -> list[str]:
     return names
 
 
-def normalize_tool_choice(tool_choice: Any, tools) -> str | None:
-    """'auto' | 'none' | 'required' | a function name (from {"type": "function", "function": {"name"}})."""
+def normalize_tool_choice(tool_choice: Any, tools) -> str | dict:
+    """'auto' | 'none' | 'required' | {"type": "function", "function": {"name": NAME}}, checked
+    against the tools."""
     names = _tool_names(tools)
     if tool_choice is None:
-        tool_choice = "auto"
+        return "auto"
     if isinstance(tool_choice, dict):
         fn = tool_choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
         if tool_choice.get("type") != "function" or not isinstance(name, str):
             raise ValueError(f"tool_choice {tool_choice!r} must be 'auto', 'none', 'required' or "
                              f"{{'type': 'function', 'function': {{'name': NAME}}}}")
-        tool_choice = {"named": name}
-    if isinstance(tool_choice, dict):
-        name = tool_choice["named"]
         if name not in names:
             raise ValueError(f"tool_choice names function {name!r}, which is not among the tools {names}")
-        return name
+        return {"type": "function", "function": {"name": name}}
     if tool_choice not in ("auto", "none", "required"):
         raise ValueError(f"tool_choice={tool_choice!r} is not allowed; use 'auto', 'none', 'required' or a "
                          f"named function")
@@ -71,16 +69,19 @@ def prepare_chat(messages, sampling_params: SamplingParams | None = None, tools=
     prompt = render_chat(messages, rendered_tools, reasoning_effort)
     sp = sampling_params or SamplingParams(max_tokens=1024)
     stops = sorted(set(sp.stop_token_ids) | set(stop_token_ids()))
-    structured = None
-    if sp.json_schema is not None or choice not in ("auto", "none"):
-        from .harmony.grammar import GrammarCompiler
-        structured = GrammarCompiler.get().compile_request(
-            json_schema=sp.json_schema, tools=rendered_tools, tool_choice=choice)
-    elif rendered_tools:
-        from .harmony.grammar import GrammarCompiler
-        # tool_choice "auto": the model may call a tool, and when it does the arguments follow the schema
-        structured = GrammarCompiler.get().compile_request(tools=rendered_tools, tool_choice="auto")
-    return prompt, sp.clone(stop_token_ids=stops, structured=structured)
+    spec = None
+    constrained = sp.json_schema is not None or choice not in ("auto", "none")
+    if constrained or rendered_tools:
+        from .engine.structured import StructuredSpec
+        from .harmony.grammar import default_reasoning_budget
+        budget = sp.reasoning_budget
+        if budget is None and constrained and sp.max_tokens is not None:
+            # close the analysis in time for a complete call / JSON within max_tokens
+            budget = default_reasoning_budget(sp.max_tokens)
+        # tool_choice "auto" with tools: the model may answer or call, and a call follows its schema
+        spec = StructuredSpec(sp.json_schema, tuple(rendered_tools) if rendered_tools else None, choice, budget)
+        spec.new_matcher()  # compile now: a bad schema or tool fails here, with its message
+    return prompt, sp.clone(stop_token_ids=stops, structured=spec)
 
 
 def chat_output(c: CompletionOutput, prompt_token_ids: list[int]) -> ChatOutput:

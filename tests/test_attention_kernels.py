@@ -217,7 +217,7 @@ def _write_kv_matches_twin(device, fp8, dtype=torch.bfloat16, T=9, hkv=2, d=32, 
     qkv = torch.randn(T, hkv * 3 + 1, d, generator=g).to(dtype) * 3
     k, v = qkv[:, :hkv], qkv[:, hkv:2 * hkv]  # non-contiguous views, as from a fused projection
     k[0, 0] = 0.0                             # a zero row: scale 2^-126, codes 0
-    nb = 5
+    nb = T // block_size + 2
     slots = torch.randperm(nb * block_size, generator=g)[:T]
     slots[3] = -1
     cdt = FP8 if fp8 else dtype
@@ -277,6 +277,16 @@ def test_interp_decode(case, fp8):
     c = Case([1] * len(ctxs), ctxs, block_size=bs, window=window, fp8=fp8, hq=hq, hkv=hkv, seed=case)
     opts = AttentionOptions(decode_block_n=16, decode_num_splits=splits)
     assert_close(c.run(opts), c.reference(), what=f"decode {ctxs} bs={bs} w={window} splits={splits}")
+
+
+@interp_only
+def test_interp_fp8_with_bf16_dots():
+    # the GPU default for fp8 converts codes to fp16; the bf16 variant shares the rest of the path
+    for qlens, ctxs, splits in (([1, 1], [20, 3], 2), ([6, 9], [0, 11], None)):
+        c = Case(qlens, ctxs, block_size=4, fp8=True, window=7, seed=9)
+        opts = AttentionOptions(prefill_block_m=16, prefill_block_n=16, decode_block_n=16,
+                                decode_num_splits=splits, fp8_dot="bf16")
+        assert_close(c.run(opts), c.reference(), what=f"fp8 bf16-dot {qlens} {ctxs}")
 
 
 @interp_only

@@ -146,6 +146,12 @@ class LLMEngine:
         if n_prompt >= capacity:
             raise ValueError(f"the prompt has {n_prompt} tokens but the KV cache holds only {capacity}; "
                              f"give the engine more KV memory")
+        spec = params.structured
+        if spec is None and params.json_schema is not None:
+            from .structured import StructuredSpec
+            spec = StructuredSpec(json_schema=params.json_schema, harmony=False)
+        # compiled before anything is queued, so a bad schema fails this request alone
+        grammars = [spec.new_matcher() if spec is not None else None for _ in range(params.n)]
         reqs = []
         for i in range(params.n):
             gen = None
@@ -154,7 +160,8 @@ class LLMEngine:
                 gen.manual_seed((params.seed + i) % 2**64)
             req = Request(f"{rid}-{i}" if params.n > 1 else rid, list(prompt_token_ids), params, parent_id=rid,
                           index=i, eos_token_ids=self.eos_token_ids, max_total_tokens=limit, generator=gen,
-                          logprobs=[] if params.logprobs is not None else None)
+                          logprobs=[] if params.logprobs is not None else None,
+                          grammar=grammars[i])
             self.scheduler.add(req)
             reqs.append(req)
         return reqs
@@ -193,6 +200,9 @@ class LLMEngine:
     def _append_token(self, req: Request, token: int, logprobs) -> None:
         p = req.params
         req.output_token_ids.append(token)
+        if req.grammar is not None and not req.grammar.is_terminated():
+            if not req.grammar.accept_token(token):  # cannot happen when the mask was applied
+                log.warning("request %s: token %d rejected by its grammar", req.request_id, token)
         if req.logprobs is not None and logprobs is not None:
             req.logprobs.append({t: Logprob(lp, rank, decode([t])) for t, (lp, rank) in logprobs.items()})
         new_text = ""
@@ -215,6 +225,8 @@ class LLMEngine:
                 idx, s = min(hits)
                 req.text = req.text[:idx]  # the stop string is not part of the output
                 return self.scheduler.finish(req, "stop", s)
+        if req.grammar is not None and req.grammar.is_terminated():
+            return self.scheduler.finish(req, "stop", None)  # the constrained output is complete
         if n_out >= req.max_output_tokens:
             return self.scheduler.finish(req, "length", None)
 

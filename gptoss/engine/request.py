@@ -34,6 +34,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list = field(default_factory=list)  # (hash, tokens) of each full block, by the pool
     generator: torch.Generator | None = None
+    grammar: object | None = None  # a RequestGrammar when the output is constrained
     detok: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
     text: str = ""
     finish_reason: str | None = None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .request import Request
+from .structured import apply_grammars
 
 
 @dataclass(slots=True)
@@ -74,6 +75,7 @@ def sample(logits: torch.Tensor, reqs: list[Request], default_generator: torch.G
     """logits [S, V] fp32 (one row per request that samples this step)."""
     raw = logits
     logits = logits.clone()
+    apply_grammars(logits, reqs)
     _penalize(logits, reqs)
     _ban_stops_before_min_tokens(logits, reqs)
     greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)

@@ -28,19 +28,26 @@ INTERPRETED = type(_k._decode_kernel).__name__ == "InterpretedFunction"
 
 @dataclass(frozen=True)
 class AttentionOptions:
-    """Kernel tiles and launch options; the defaults are tuned on H100 (benchmarks/bench_attention.py)."""
+    """Kernel tiles and launch options. The defaults (DEFAULT_OPTIONS for bf16/fp16 caches,
+    DEFAULT_FP8_OPTIONS for fp8) come from sweeps on an H100: benchmarks/bench_attention.py --tune
+    and --sweep-splits, numbers in docs/kv_cache.md."""
     prefill_block_m: int = 128
     prefill_block_n: int = 64
-    prefill_num_warps: int = 4
+    prefill_num_warps: int = 8
     prefill_num_stages: int = 3
-    decode_block_n: int = 64
+    decode_block_n: int = 128
     decode_num_warps: int = 4
-    decode_num_stages: int = 3
-    decode_num_splits: int | None = None   # None: enough programs to fill the GPU (_num_splits)
-    decode_min_split: int = 512            # fewest keys worth a split of their own
+    decode_num_stages: int = 2
+    decode_num_splits: int | None = None   # None: split until about programs_per_sm programs per SM
+    decode_programs_per_sm: int = 4
+    decode_min_split: int = 256            # fewest keys worth a split of their own
+    fp8_dot: str = "fp16"                  # fp8 caches: tl.dot operands in "fp16" or "bf16"
 
 
 DEFAULT_OPTIONS = AttentionOptions()
+# fp8 tiles carry half the bytes: twice the programs keep as many loads in flight; the prefill
+# kernel converts K/V tiles in registers and does better with 4 warps
+DEFAULT_FP8_OPTIONS = AttentionOptions(prefill_num_warps=4, prefill_num_stages=4, decode_programs_per_sm=8)
 
 
 def _uses_triton(t: torch.Tensor) -> bool:
@@ -109,10 +116,11 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _num_splits(batch: int, num_kv_heads: int, span: int, device: torch.device, opts: AttentionOptions) -> int:
-    """Splits of the context per (sequence, KV head): about two waves of programs, each >= min_split keys."""
+    """Splits of the context per (sequence, KV head): about programs_per_sm programs per SM (never
+    rounding up past it: a second partial wave costs more than it brings), each >= min_split keys."""
     if opts.decode_num_splits is not None:
         return max(1, opts.decode_num_splits)
-    want = triton.cdiv(2 * _sm_count(device), batch * num_kv_heads)
+    want = opts.decode_programs_per_sm * _sm_count(device) // (batch * num_kv_heads)
     return max(1, min(want, triton.cdiv(span, opts.decode_min_split)))
 
 
@@ -143,7 +151,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                      seq_lens.tolist(), sinks, sm_scale, window or None, k_scale, v_scale)
     if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
         raise ValueError("q and block_tables need a contiguous last dim")
-    opts = options or DEFAULT_OPTIONS
+    opts = options or (DEFAULT_FP8_OPTIONS if fp8 else DEFAULT_OPTIONS)
     out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
     if T == 0 or B == 0:
         return out
@@ -152,7 +160,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     vs = v_scale if fp8 else v_cache
     ss = k_scale.stride() if fp8 else (0, 0, 0)
     qk_scale = float(sm_scale) * _k.LOG2E
-    dot_fp32 = INTERPRETED  # the interpreter's tl.dot on bf16 returns garbage
+    if opts.fp8_dot not in ("fp16", "bf16"):
+        raise ValueError(f"fp8_dot={opts.fp8_dot!r}: expected 'fp16' or 'bf16'")
+    if fp8 and opts.fp8_dot == "fp16":
+        dot = _k.DOT_F16
+    elif INTERPRETED and q.dtype == torch.bfloat16:
+        dot = _k.DOT_F32  # the interpreter's tl.dot on bf16 returns garbage (fp16 and fp32 are right)
+    else:
+        dot = _k.DOT_Q
     cache_args = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), ss[0], ss[1])
     if max_query_len > 1:
         bm = opts.prefill_block_m
@@ -163,7 +178,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
             *cache_args, num_m,
             BLOCK_SIZE=BS, GROUP=group, D=D, BLOCK_M=bm, BLOCK_N=opts.prefill_block_n, FP8=fp8,
-            USE_WINDOW=window > 0, DOT_FP32=dot_fp32,
+            USE_WINDOW=window > 0, DOT=dot,
             num_warps=opts.prefill_num_warps, num_stages=opts.prefill_num_stages)
         return out
     span = min(max_seq_len, window) if window else max_seq_len
@@ -181,7 +196,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         *cache_args,
         BLOCK_SIZE=BS, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=D,
         BLOCK_N=opts.decode_block_n,
-        FP8=fp8, USE_WINDOW=window > 0, SPLIT=splits > 1, DOT_FP32=dot_fp32,
+        FP8=fp8, USE_WINDOW=window > 0, SPLIT=splits > 1, DOT=dot,
         num_warps=opts.decode_num_warps, num_stages=opts.decode_num_stages)
     if splits > 1:
         _k._decode_combine_kernel[(B, Hq)](

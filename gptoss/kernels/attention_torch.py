@@ -21,7 +21,8 @@ def fp8_scale_torch(x: torch.Tensor) -> torch.Tensor:
     kernel (tl.math.div_rn), which makes the two bit-exact.
     """
     amax = x.float().abs().amax(dim=-1)
-    return (amax / FP8_MAX).clamp_min(_MIN_NORMAL_F32)
+    # a tensor divisor: CUDA torch turns division by a Python scalar into a multiply by its reciprocal
+    return (amax / torch.full_like(amax, FP8_MAX)).clamp_min(_MIN_NORMAL_F32)
 
 
 def quantize_fp8_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

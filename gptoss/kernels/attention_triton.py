@@ -2,8 +2,13 @@
 
 Softmax runs in base 2: scores are scaled by sm_scale * log2(e) and sinks by log2(e). fp8 caches hold
 codes whose value is code * scale (one float32 scale amax / 448 per token and head): the codes go
-into tl.dot converted to the query dtype (exact), the K scale multiplies the score columns and the
-V scale the probability columns, so no tile is ever dequantized element by element.
+into tl.dot converted to the dot dtype (exact: e4m3 is a subset of fp16 and bf16), the K scale
+multiplies the score columns and the V scale the probability columns (divided by the tile's largest V
+scale, which multiplies the tile's P @ V), so no tile is ever dequantized element by element.
+
+DOT picks the tl.dot operand dtype: DOT_Q (q's dtype), DOT_F16 (fp8 caches: e4m3 -> fp16 is one
+instruction per pair on sm_89+, -> bf16 several; q is pre-scaled by qk_scale so that it fits fp16),
+DOT_F32 (the interpreter, whose tl.dot on bf16 returns garbage).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+DOT_Q, DOT_F16, DOT_F32 = 0, 1, 2
 
 
 @triton.jit
@@ -70,10 +76,21 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
 
 
 @triton.jit
+def _to_dot_dtype(q, qk_scale, DOT: tl.constexpr):
+    # -> (q in the dot dtype, the factor still to apply to q @ k^T)
+    if DOT == 1:
+        return (q.to(tl.float32) * qk_scale).to(tl.float16), 1.0
+    elif DOT == 2:
+        return q.to(tl.float32), qk_scale
+    else:
+        return q, qk_scale
+
+
+@triton.jit
 def _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_ptr, kvh,
                  stride_cb, stride_ct, stride_ch, stride_sb, stride_st, qk_scale,
                  key_end, qpos, window, BLOCK_SIZE: tl.constexpr,
-                 D: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr, DOT_FP32: tl.constexpr,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
                  MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr):
     """One online-softmax step over keys [n0, n0 + BLOCK_N) gathered through the block table.
 
@@ -94,12 +111,8 @@ def _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_pt
     else:
         k = tl.load(kc_ptr + row[:, None] + d[None, :])
         v = tl.load(vc_ptr + row[:, None] + d[None, :])
-    if DOT_FP32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    else:
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
+    k = k.to(q.dtype)  # q is already in the dot dtype
+    v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k))  # [M, BLOCK_N] f32
     if FP8:
         srow = blk * stride_sb + (pos % BLOCK_SIZE) * stride_st + kvh
@@ -124,8 +137,11 @@ def _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_pt
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if FP8:
-        p = p * vsc[None, :]
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        vmax = tl.maximum(tl.max(vsc, axis=0), 1e-30)  # keeps p * scale in [0, 1]: no fp16 underflow
+        pv = tl.dot((p * (vsc / vmax)[None, :]).to(v.dtype), v) * vmax
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
 
@@ -136,7 +152,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_
                     stride_cb, stride_ct, stride_ch, stride_sb, stride_st, num_m_tiles,
                     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    FP8: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr):
+                    FP8: tl.constexpr, USE_WINDOW: tl.constexpr, DOT: tl.constexpr):
     # grid (q heads, query tiles, sequences); the heads sharing a KV head run side by side and the
     # longest (last) query tiles start first
     h = tl.program_id(0)
@@ -154,8 +170,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_
         d = tl.arange(0, D)
         q = tl.load(q_ptr + (q0 + rows).to(tl.int64)[:, None] * stride_qt + h * stride_qh + d[None, :],
                     mask=rmask[:, None], other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
+        q, qk_scale = _to_dot_dtype(q, qk_scale, DOT)
         kvh = h // GROUP
         bt_row = bt_ptr + b.to(tl.int64) * stride_bt
         # the sink starts the running max and sum: exp2(sink - m) = 1; no row is ever all -inf
@@ -170,7 +185,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_
                 acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
                                              kvh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
                                              qk_scale, hi, qpos, window, BLOCK_SIZE,
-                                             D, BLOCK_N, FP8, DOT_FP32, True, True, True)
+                                             D, BLOCK_N, FP8, True, True, True)
         else:
             # keys before the tile's first query are seen by every row: no masks there
             full = ((ctx + m_start) // BLOCK_N) * BLOCK_N
@@ -178,12 +193,12 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_
                 acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
                                              kvh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
                                              qk_scale, hi, qpos, window, BLOCK_SIZE,
-                                             D, BLOCK_N, FP8, DOT_FP32, False, False, False)
+                                             D, BLOCK_N, FP8, False, False, False)
             for n0 in range(full, hi, BLOCK_N):
                 acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
                                              kvh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
                                              qk_scale, hi, qpos, window, BLOCK_SIZE,
-                                             D, BLOCK_N, FP8, DOT_FP32, True, True, False)
+                                             D, BLOCK_N, FP8, True, True, False)
         o = acc / l_i[:, None]
         tl.store(out_ptr + (q0 + rows).to(tl.int64)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -197,7 +212,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
                    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr,
                    FP8: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                   DOT_FP32: tl.constexpr):
+                   DOT: tl.constexpr):
     # one query token per sequence; program (KV head, sequence, split) takes the GROUP query heads of
     # its KV head as the rows of one tile (padded to BLOCK_H >= 16 for tl.dot) and a slice of keys.
     # A sequence's KV heads run side by side: they share the 32-byte sectors of the fp8 scales.
@@ -224,8 +239,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
     t = t.to(tl.int64)
     q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=qmask[:, None], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    q, qk_scale = _to_dot_dtype(q, qk_scale, DOT)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
     if SPLIT:
@@ -241,7 +255,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
                                      kvh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
                                      qk_scale, end, qpos, window, BLOCK_SIZE,
-                                     D, BLOCK_N, FP8, DOT_FP32, True, False, False)
+                                     D, BLOCK_N, FP8, True, False, False)
     if SPLIT:
         pidx = (b * (GROUP * tl.num_programs(0)) + heads) * num_splits + split  # [B, Hq, S]
         tl.store(part_m_ptr + pidx, m_i, mask=gmask)

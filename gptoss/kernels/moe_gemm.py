@@ -8,6 +8,7 @@ into the second.
 
 Activations (`act`):
   "bf16":  bf16 x MXFP4 through tl.dot_scaled (Hopper: Triton upcasts the e2m1 tile in registers).
+           fast_math: an e8m0 NaN scale (255, never in a checkpoint) is not turned into NaNs.
   "fp8":   e4m3 x e4m3 on the fp8 tensor cores. Activations are quantized as they are loaded with a
            per-token dynamic scale amax/448 (x: `row_absmax`; the SwiGLU output: per-tile maxima that
            moe_gate_up writes beside it). MXFP4 weight tiles become e4m3 in registers: code * 2^(6-d),
@@ -234,15 +235,15 @@ def _mainloop(a_ptr, a_row_off, m_mask, a_scale, w_ptr, ws_ptr, wsh_ptr, n, n_ma
         if ACT == 0:
             ab = a.to(tl.bfloat16)
             if SWAP:
-                acc = tl.dot_scaled(w, ws, "e2m1", tl.trans(ab), None, "bf16", acc)
+                acc = tl.dot_scaled(w, ws, "e2m1", tl.trans(ab), None, "bf16", acc, fast_math=True)
             else:
-                acc = tl.dot_scaled(ab, None, "bf16", w, ws, "e2m1", acc)
+                acc = tl.dot_scaled(ab, None, "bf16", w, ws, "e2m1", acc, fast_math=True)
         elif ACT == 2:
             q, qs = _quant_mxfp8(a.to(tl.float32), BLOCK_M, BLOCK_K, INTERPRET)
             if SWAP:
-                acc = tl.dot_scaled(w, ws, "e2m1", tl.trans(q), qs, "e4m3", acc)
+                acc = tl.dot_scaled(w, ws, "e2m1", tl.trans(q), qs, "e4m3", acc, fast_math=True)
             else:
-                acc = tl.dot_scaled(q, qs, "e4m3", w, ws, "e2m1", acc)
+                acc = tl.dot_scaled(q, qs, "e4m3", w, ws, "e2m1", acc, fast_math=True)
         else:
             q = _quant_fp8_rows(a.to(tl.float32), a_scale, INTERPRET)
             # the shift rides in the scales' slot; 2^(20-d), or 0 for blocks past the e4m3 range
@@ -301,7 +302,7 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr,
     e64 = e.to(tl.int64)
     a_scale = tl.zeros((BLOCK_M,), tl.float32)
     if ACT == 1:
-        a_scale = _row_scale(x_amax_ptr, tok, m_mask, 1, 1)
+        a_scale = _row_scale(x_amax_ptr, tok, m_mask, 1, 2)
     acc = _mainloop(x_ptr, tok.to(tl.int64) * stride_xt, m_mask, a_scale,
                     w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
                     n, n_mask, K, 0, K, stride_wn, stride_wkb, stride_sn, stride_skb,
@@ -496,7 +497,7 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
             ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
         MASK_W=not w.block_k and K % opts.block_k != 0,
             HAS_BIAS=bias is not None, FUSED_COMBINE=fused_combine,
-            NA_PAD=triton.next_power_of_2(n_amax), INTERPRET=INTERPRETED,
+            NA_PAD=max(2, triton.next_power_of_2(n_amax)), INTERPRET=INTERPRETED,
             num_warps=opts.num_warps, num_stages=opts.num_stages)
     if fused_combine:
         return out.to(out_dtype)
