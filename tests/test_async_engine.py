@@ -54,7 +54,7 @@ def test_cancel_half_of_100_streams(async_llm):
     assert all(r[0] == "done" and r[1] == 12 for r in results[::2])
     assert all(r[0] == "cancelled" for r in results[1::2])
     pool = llm.engine.pool
-    assert pool.num_free_blocks == pool.num_usable_blocks and not any(pool.ref_cnt)
+    assert pool.all_free
     assert not llm.engine.has_unfinished() and not llm.engine.scheduler.requests
     # the survivors are right: same tokens as offline
     ref = ref_llm.generate([{"prompt_token_ids": p} for p in prompts[:10:2]], sp, use_tqdm=False)

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from gptoss import LLM, SamplingParams
-from gptoss.engine.kv_cache import BlockPool
+from gptoss.engine.kv_cache import KVCacheManager, plan_kv_layout
 from gptoss.engine.request import Request
 
 
@@ -21,23 +21,23 @@ def _compute(pool, req, n=None):
 
 
 def test_prefix_blocks_are_shared_and_refcounted():
-    pool = BlockPool(32, 4)
+    pool = KVCacheManager(32, 4)
     a = _req(range(10), "a")
     _compute(pool, a)
     assert len(a.block_ids) == 3 and pool.num_free_blocks == 31 - 3
     b = _req(list(range(8)) + [99, 98, 97], "b")
     assert pool.match_prefix(b) == 8  # two full shared blocks
     assert b.block_ids == a.block_ids[:2]
-    assert [pool.ref_cnt[x] for x in b.block_ids] == [2, 2]
+    assert [pool.full.ref_cnt[x] for x in b.block_ids] == [2, 2]
     _compute(pool, b)
     pool.free(a)
-    assert [pool.ref_cnt[x] for x in b.block_ids[:2]] == [1, 1]
+    assert [pool.full.ref_cnt[x] for x in b.block_ids[:2]] == [1, 1]
     pool.free(b)
-    assert pool.num_free_blocks == 31 and all(c == 0 for c in pool.ref_cnt)
+    assert pool.num_free_blocks == 31 and pool.all_free
 
 
 def test_whole_prompt_cached_leaves_one_token():
-    pool = BlockPool(16, 4)
+    pool = KVCacheManager(16, 4)
     a = _req(range(8), "a")
     _compute(pool, a)
     pool.free(a)
@@ -46,7 +46,7 @@ def test_whole_prompt_cached_leaves_one_token():
 
 
 def test_lru_evicts_least_recently_freed_and_different_prefix_misses():
-    pool = BlockPool(5, 2)  # 4 usable blocks
+    pool = KVCacheManager(5, 2)  # 4 usable blocks
     a = _req([1, 2, 3, 4], "a")
     _compute(pool, a)
     pool.free(a)
@@ -60,7 +60,7 @@ def test_lru_evicts_least_recently_freed_and_different_prefix_misses():
 
 
 def test_hash_depends_on_everything_before():
-    pool = BlockPool(16, 2)
+    pool = KVCacheManager(16, 2)
     a = _req([1, 2, 3, 4, 5], "a")
     _compute(pool, a)
     b = _req([0, 0, 3, 4, 5], "b")  # same second block, different first
@@ -87,28 +87,94 @@ def test_prefix_cache_skips_shared_prompt(tiny_ckpt):
 
 
 def test_pressure_preempts_and_everything_finishes(tiny_ckpt):
-    # a cache of 24 blocks x 16 tokens for 40 requests of ~30-60 tokens each: far less than in flight
+    # about 24 blocks x 16 tokens for 40 requests of 15-70 tokens each: far less than in flight
     per_token = 2 * 4 * 2 * 16 * 4
     llm = LLM(str(tiny_ckpt), dtype="float32", device="cpu", max_model_len=512, progress=False,
               kv_cache_memory_bytes=24 * 16 * per_token, max_num_seqs=32, enable_prefix_caching=False)
     pool = llm.engine.pool
-    assert pool.num_usable_blocks == 24
+    assert pool.num_usable_blocks * 16 < 40 * 40
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(199998) for _ in range(rng.randint(10, 40))]} for _ in range(40)]
     sps = [SamplingParams(temperature=0, max_tokens=rng.randint(5, 30), ignore_eos=True) for _ in prompts]
     outs = llm.generate(prompts, sps, use_tqdm=False)
     assert all(o.finished and len(o.outputs[0].token_ids) == sp.max_tokens for o, sp in zip(outs, sps))
-    assert pool.num_free_blocks == pool.num_usable_blocks and not any(pool.ref_cnt)
-    assert not llm.engine.scheduler.requests
+    assert pool.all_free and not llm.engine.scheduler.requests
+    assert llm.engine.num_preemptions > 0  # the test did put the cache under pressure
     # preempted requests recomputed to the same tokens as a run with room to spare
     roomy = LLM(str(tiny_ckpt), dtype="float32", device="cpu", max_model_len=512, progress=False)
-    ref = roomy.generate(prompts[:8], sps[:8], use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in ref] == [o.outputs[0].token_ids for o in outs[:8]]
+    ref = roomy.generate(prompts, sps, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in ref] == [o.outputs[0].token_ids for o in outs]
+
+
+def test_sliding_group_holds_only_the_window():
+    m = KVCacheManager(64, 4, window=8, num_swa_blocks=16)
+    r = _req(range(40), "r")
+    _compute(m, r)
+    m.release_out_of_window(r)
+    # the next query is at 40: it sees keys 33..40, so blocks 0..7 (positions 0..31) are given back
+    assert r.swa_block_ids[:8] == [0] * 8 and all(r.swa_block_ids[8:])
+    assert len(r.block_ids) == 10 and all(r.block_ids)  # full-attention layers keep everything
+    assert m.swa.num_free_blocks == 15 - 2
+    m.free(r)
+    assert m.all_free
+
+
+def test_prefix_hit_needs_the_window_in_the_sliding_group():
+    m = KVCacheManager(64, 4, window=8, num_swa_blocks=40)
+    a = _req(range(40), "a")
+    _compute(m, a)
+    m.release_out_of_window(a)
+    b = _req(list(range(40)) + [7, 7], "b")
+    got = m.match_prefix(b)
+    # all 10 blocks are cached in the full group, and blocks 8, 9 (the window before 40) in the sliding one
+    assert got == 40 and b.swa_block_ids[:8] == [0] * 8 and b.swa_block_ids[8:] == a.swa_block_ids[8:]
+    # a prefix whose window was given back (and reused) is not a hit
+    m2 = KVCacheManager(64, 4, window=8, num_swa_blocks=5)
+    c = _req(range(16), "c")
+    _compute(m2, c)
+    m2.release_out_of_window(c)
+    m2.free(c)
+    filler = _req([9] * 16, "f")
+    _compute(m2, filler)  # takes the sliding blocks c left behind
+    d = _req(list(range(16)) + [1], "d")
+    assert m2.match_prefix(d) < 16
+
+
+def test_layout_splits_the_budget():
+    sliding = [True, False] * 12
+    lay = plan_kv_layout(10 << 30, sliding, 128, 8, 64, False, 2, 16, 256, 8192)
+    layer_block = 2 * 8 * 64 * 2 * 16
+    # the sliding group holds 256 windows plus one step, the full group the rest of 10 GiB
+    assert lay.num_swa_blocks - 1 == 256 * (8 + 2) + 512
+    assert (lay.num_blocks - 1 + lay.num_swa_blocks - 1) * 12 * layer_block <= 10 << 30
+    assert lay.num_blocks > 1.7 * (10 << 30) // (24 * layer_block)  # nearly twice the tokens of one group
+    with pytest.raises(ValueError, match="too small"):
+        plan_kv_layout(1000, sliding, 128, 8, 64, False, 2, 16, 256, 8192)
+
+
+def test_long_generation_through_sliding_group_matches_shared_tables(tiny_ckpt):
+    """Sliding layers reading their own (window-only) blocks give the tokens of shared tables."""
+    a = LLM(str(tiny_ckpt), dtype="float32", device="cpu", max_model_len=512, progress=False)
+    assert a.engine.kv_layout.window == 8
+    rng = random.Random(3)
+    prompts = [{"prompt_token_ids": [rng.randrange(199998) for _ in range(n)]} for n in (3, 30, 100)]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in a.generate(prompts, sp, use_tqdm=False)]
+    import gptoss.engine.llm_engine as le
+    orig = le.plan_kv_layout
+    try:  # the same model with one block group for every layer
+        le.plan_kv_layout = lambda budget, sliding, *args: orig(budget, [False] * len(sliding), *args)
+        b = LLM(str(tiny_ckpt), dtype="float32", device="cpu", max_model_len=512, progress=False)
+    finally:
+        le.plan_kv_layout = orig
+    assert b.engine.kv_layout.window is None
+    assert got == [o.outputs[0].token_ids for o in b.generate(prompts, sp, use_tqdm=False)]
 
 
 def test_prompt_larger_than_cache_is_an_error(tiny_ckpt):
     per_token = 2 * 4 * 2 * 16 * 4
     llm = LLM(str(tiny_ckpt), dtype="float32", device="cpu", max_model_len=512, progress=False,
               kv_cache_memory_bytes=4 * 16 * per_token)
-    with pytest.raises(ValueError, match="KV cache holds only 64"):
-        llm.generate({"prompt_token_ids": list(range(100))}, use_tqdm=False)
+    cap = llm.engine.pool.num_usable_blocks * 16
+    with pytest.raises(ValueError, match=f"KV cache holds only {cap}"):
+        llm.generate({"prompt_token_ids": list(range(cap + 5))}, use_tqdm=False)

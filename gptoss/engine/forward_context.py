@@ -18,6 +18,9 @@ class ForwardContext:
     max_seq_len: int
     logits_indices: torch.Tensor    # int64 [S]: rows of the hidden states that get unembedded
     kv_caches: list | None = None   # per layer LayerKVCache
+    # the sliding-window layers' own block group (None: they share the tables above)
+    swa_block_tables: torch.Tensor | None = None
+    swa_slot_mapping: torch.Tensor | None = None
 
 
 _CTX: ForwardContext | None = None

@@ -15,7 +15,7 @@ from ..model.weights import CheckpointError, resolve_model_path
 from ..outputs import CompletionOutput, Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import decode
-from .kv_cache import BlockPool, allocate_kv_caches, kv_bytes_per_token
+from .kv_cache import KVCacheManager, KVLayout, allocate_kv_caches, kv_bytes_per_token, plan_kv_layout
 from .model_runner import ModelRunner
 from .worker import Worker
 from .request import Request
@@ -68,11 +68,16 @@ class LLMEngine:
             self.worker = Worker(config, root, mc, self.device, self.dtype, self.max_model_len, par, progress)
             self.moe_backend = self.worker.moe_backend
             self.model = self.worker.model
-            num_blocks = self._size_kv_cache()
-            if self.workers is not None:  # every rank must agree on the pool size: take the smallest
-                num_blocks = self.workers.agree_min(num_blocks)
-            self.pool = BlockPool(num_blocks, self.block_size, config.enable_prefix_caching)
-            self.runner = self.worker.init_runner(num_blocks, self.block_size, self.kv_fp8, config.seed, self.workers)
+            budget = self._kv_budget()
+            if self.workers is not None:  # every rank must agree on the cache size: take the smallest
+                budget = self.workers.agree_min(budget)
+            self.kv_layout = layout = self.plan_layout(budget)
+            if self.workers is not None:
+                self.workers.send_layout(layout)
+            self.max_num_batched_tokens = layout.max_chunk
+            self.pool = KVCacheManager(layout.num_blocks, self.block_size, config.enable_prefix_caching,
+                                       layout.window, layout.num_swa_blocks)
+            self.runner = self.worker.init_runner(layout, self.block_size, self.kv_fp8, config.seed, self.workers)
         except BaseException:
             if self.workers is not None:
                 self.workers.shutdown()
@@ -83,31 +88,28 @@ class LLMEngine:
         self.driven_by_async = False  # set while an AsyncLLM steps this engine in its thread
 
     # --- setup -----------------------------------------------------------------------------------
-    def _size_kv_cache(self) -> int:
+    def _kv_budget(self) -> int:
         mc, cfg = self.model_config, self.config
+        if cfg.kv_cache_memory_bytes is not None:
+            return cfg.kv_cache_memory_bytes
+        if self.device.type == "cuda":
+            return self.worker.kv_budget_that_fits(cfg) if self.workers else self._profile_free_memory()
+        # a modest fixed size on CPU, no more than the longest batch could use
         per_token = kv_bytes_per_token(mc.num_hidden_layers, self.worker.num_kv_heads, mc.head_dim,
                                        self.kv_fp8, self.dtype.itemsize)
-        if cfg.kv_cache_memory_bytes is not None:
-            budget = cfg.kv_cache_memory_bytes
-        elif self.device.type == "cuda" and self.workers is not None:
-            return self.worker.kv_blocks_that_fit(cfg, self.max_model_len)
-        elif self.device.type == "cuda":
-            budget = self._profile_free_memory()
-        else:
-            # a modest fixed size on CPU, no more than the longest batch could use
-            budget = min(CPU_KV_BYTES, per_token * cfg.max_num_seqs * (self.max_model_len + self.block_size))
-        num_blocks = budget // (per_token * self.block_size) + 1  # + the null block
-        if num_blocks < 2:
-            raise ValueError(f"the KV cache budget of {budget} bytes holds no {self.block_size}-token "
-                             f"block ({per_token * self.block_size} bytes); raise gpu_memory_utilization "
-                             f"or kv_cache_memory_bytes")
-        return int(num_blocks)
+        return min(CPU_KV_BYTES, per_token * cfg.max_num_seqs * (self.max_model_len + self.block_size))
+
+    def plan_layout(self, budget: int) -> KVLayout:
+        mc = self.model_config
+        return plan_kv_layout(budget, mc.is_sliding, mc.sliding_window, self.worker.num_kv_heads, mc.head_dim,
+                              self.kv_fp8, self.dtype.itemsize, self.block_size, self.config.max_num_seqs,
+                              self.max_num_batched_tokens)
 
     def _profile_free_memory(self) -> int:
         """What gpu_memory_utilization leaves after the weights and the activations of the largest
         step (measured with one forward on a 2-block cache)."""
         mc = self.model_config
-        kv = allocate_kv_caches(mc.num_hidden_layers, 2, self.block_size, self.worker.num_kv_heads,
+        kv = allocate_kv_caches(KVLayout(2, 2, None, 0), mc.is_sliding, self.block_size, self.worker.num_kv_heads,
                                 mc.head_dim, self.dtype, self.kv_fp8, self.device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -172,6 +174,10 @@ class LLMEngine:
             if req is not None:
                 self.scheduler.finish(req, "abort")
 
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (no-op with one process)."""
         if self.workers is not None:
@@ -191,6 +197,7 @@ class LLMEngine:
         for req in out.requests:
             req.num_computed_tokens += out.num_scheduled_tokens[req.request_id]
             self.pool.cache_full_blocks(req)
+            self.pool.release_out_of_window(req)
             self.num_computed_tokens_total += out.num_scheduled_tokens[req.request_id]
         for i, req in enumerate(samplers):
             self._append_token(req, sampled.token_ids[i], sampled.logprobs[i])

@@ -12,7 +12,7 @@ from .sampler import SamplerOutput, sample
 from .scheduler import SchedulerOutput
 
 
-HEADER = 6  # T, B, table width, rows to unembed, max query len, max seq len
+HEADER = 7  # T, B, table width, rows to unembed, max query len, max seq len, has sliding tables
 
 
 class ModelRunner:
@@ -29,7 +29,8 @@ class ModelRunner:
     def _pack(self, out: SchedulerOutput) -> tuple[list[int], torch.Tensor, list[Request]]:
         """The whole step as one int64 tensor: one host-to-device copy, and one broadcast under TP."""
         bs = self.block_size
-        ids, pos, slots, qsl, seq_lens, rows, samplers = [], [], [], [0], [], [], []
+        ids, pos, slots, swa_slots, qsl, seq_lens, rows, samplers = [], [], [], [], [0], [], [], []
+        swa = bool(out.requests[0].swa_block_ids)  # the sliding layers have their own block group
         for r in out.requests:
             n = out.num_scheduled_tokens[r.request_id]
             start = r.num_computed_tokens
@@ -37,6 +38,8 @@ class ModelRunner:
             p = range(start, start + n)
             pos.extend(p)
             slots.extend(r.block_ids[i // bs] * bs + i % bs for i in p)
+            if swa:
+                swa_slots.extend(r.swa_block_ids[i // bs] * bs + i % bs for i in p)
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
             if start + n == r.num_tokens:  # caught up with its tokens: this step samples its next one
@@ -44,20 +47,25 @@ class ModelRunner:
                 samplers.append(r)
         width = max(len(r.block_ids) for r in out.requests)
         tables = [b for r in out.requests for b in r.block_ids + [0] * (width - len(r.block_ids))]
+        if swa:
+            tables += [b for r in out.requests for b in r.swa_block_ids + [0] * (width - len(r.swa_block_ids))]
         max_q = max(b - a for a, b in zip(qsl, qsl[1:]))
-        header = [len(ids), len(seq_lens), width, len(rows), max_q, max(seq_lens)]
-        flat = torch.tensor(header + ids + pos + slots + qsl + seq_lens + tables + rows, dtype=torch.int64)
+        header = [len(ids), len(seq_lens), width, len(rows), max_q, max(seq_lens), int(swa)]
+        flat = torch.tensor(header + ids + pos + slots + qsl + seq_lens + rows + tables + swa_slots,
+                            dtype=torch.int64)
         return header, flat.to(self.device, non_blocking=True), samplers
 
     def unpack(self, header: list[int], flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        T, B, W, S, max_q, max_s = header
-        sizes = [HEADER, T, T, T, B + 1, B, B * W, S]
-        _, ids, pos, slots, qsl, seq_lens, tables, rows = flat.split(sizes)
+        T, B, W, S, max_q, max_s, swa = header
+        sizes = [HEADER, T, T, T, B + 1, B, S, B * W * (2 if swa else 1), T if swa else 0]
+        _, ids, pos, slots, qsl, seq_lens, rows, tables, swa_slots = flat.split(sizes)
         i32 = torch.int32
+        tables = tables.view(-1, B, W).to(i32)
         ctx = ForwardContext(
-            query_start_loc=qsl.to(i32), seq_lens=seq_lens.to(i32), block_tables=tables.view(B, W).to(i32),
+            query_start_loc=qsl.to(i32), seq_lens=seq_lens.to(i32), block_tables=tables[0],
             slot_mapping=slots, max_query_len=max_q, max_seq_len=max_s, logits_indices=rows,
-            kv_caches=self.kv_caches)
+            kv_caches=self.kv_caches, swa_block_tables=tables[1] if swa else None,
+            swa_slot_mapping=swa_slots if swa else None)
         return ids, pos, ctx
 
     @torch.inference_mode()

@@ -31,7 +31,8 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     status: RequestStatus = RequestStatus.WAITING
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)        # full-attention layers' blocks
+    swa_block_ids: list[int] = field(default_factory=list)    # sliding layers' (0 once out of window)
     block_hashes: list = field(default_factory=list)  # (hash, tokens) of each full block, by the pool
     generator: torch.Generator | None = None
     grammar: object | None = None  # a RequestGrammar when the output is constrained

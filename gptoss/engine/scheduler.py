@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .kv_cache import BlockPool
+from .kv_cache import KVCacheManager
 from .request import Request, RequestStatus
 
 
@@ -27,13 +27,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, pool: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0  # over the scheduler's life
 
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
@@ -49,6 +50,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)
         out.preempted.append(req)
         if req.request_id in out.num_scheduled_tokens:

@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..distributed import ParallelState
+from .kv_cache import KVLayout
+from .model_runner import HEADER
 
 CMD_STEP, CMD_STOP = 1, 0
 TIMEOUT = datetime.timedelta(seconds=120)
@@ -77,6 +79,10 @@ class WorkerGroup:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
 
+    def send_layout(self, layout) -> None:
+        dist.broadcast(torch.tensor([layout.num_blocks, layout.num_swa_blocks, layout.window or 0,
+                                     layout.max_chunk], dtype=torch.int64, device=self.device), src=0)
+
     def send_step(self, header: list[int], flat: torch.Tensor) -> None:
         self._check_alive()
         try:
@@ -92,7 +98,7 @@ class WorkerGroup:
             return
         try:
             if not self._closed and all(p.is_alive() for p in self.procs):
-                dist.broadcast(torch.tensor([CMD_STOP, 0, 0, 0, 0, 0, 0, 0], dtype=torch.int64,
+                dist.broadcast(torch.tensor([CMD_STOP] + [0] * (HEADER + 1), dtype=torch.int64,
                                             device=self.device), src=0)
         except RuntimeError:
             pass
@@ -131,13 +137,17 @@ def _worker_main(rank: int, world: int, port: int, cfg: dict, device_type: str) 
         max_len = config.max_model_len or mc.max_position_embeddings
         par = ParallelState(world, rank, config.enable_expert_parallel, dist.group.WORLD)
         worker = Worker(config, root, mc, device, dtype, max_len, par, progress=False)
-        # agree on the pool size with rank 0 (which sized it the same way), then allocate ours
-        mine = worker.kv_blocks_that_fit(config, max_len) if device.type == "cuda" else 2 ** 62
+        # agree on the cache size with rank 0, then take the split rank 0 planned
+        mine = worker.kv_budget_that_fits(config) if device.type == "cuda" else 2 ** 62
         t = torch.tensor([mine], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        runner = worker.init_runner(int(t.item()), config.block_size, config.kv_cache_dtype == "fp8", config.seed)
+        layout = torch.zeros(4, dtype=torch.int64, device=device)
+        dist.broadcast(layout, src=0)
+        nb, nswa, window, chunk = layout.tolist()
+        runner = worker.init_runner(KVLayout(nb, nswa, window or None, chunk), config.block_size,
+                                    config.kv_cache_dtype == "fp8", config.seed)
         while True:
-            head = torch.zeros(8, dtype=torch.int64, device=device)
+            head = torch.zeros(HEADER + 2, dtype=torch.int64, device=device)
             dist.broadcast(head, src=0)
             cmd, n, *header = head.tolist()
             if cmd == CMD_STOP:

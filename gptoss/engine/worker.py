@@ -15,7 +15,7 @@ from ..distributed import ParallelState
 from ..model.gpt_oss import Transformer
 from ..model.weights import load_weights
 from ..moe import get_moe_backend
-from .kv_cache import allocate_kv_caches, kv_bytes_per_token
+from .kv_cache import KVLayout, allocate_kv_caches
 from .model_runner import ModelRunner
 
 
@@ -30,20 +30,17 @@ class Worker:
         self.model.bind_moe_backend(backend_cls)
         self.num_kv_heads = self.model.layers[0].attn.num_kv_heads
 
-    def kv_blocks_that_fit(self, config: EngineConfig, max_model_len: int) -> int:
-        """KV blocks that fit beside the weights under gpu_memory_utilization, with the activations of
+    def kv_budget_that_fits(self, config: EngineConfig) -> int:
+        """KV bytes that fit beside the weights under gpu_memory_utilization, with the activations of
         the largest step estimated (used where a profiling forward cannot run alone: TP ranks)."""
         mc = self.mc
         tokens = config.max_num_batched_tokens or 8192
         # residual stream, qkv, attention out, MoE gather/intermediate (top-k rows), fp32 logits
         act = tokens * mc.hidden_size * 4 * (8 + 4 * mc.num_experts_per_tok) + config.max_num_seqs * mc.vocab_size * 12
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = int(total * config.gpu_memory_utilization) - (total - free) - act
-        per_token = kv_bytes_per_token(mc.num_hidden_layers, self.num_kv_heads, mc.head_dim,
-                                       config.kv_cache_dtype == "fp8", self.dtype.itemsize)
-        return max(0, budget // (per_token * config.block_size)) + 1
+        return max(0, int(total * config.gpu_memory_utilization) - (total - free) - act)
 
-    def init_runner(self, num_blocks: int, block_size: int, fp8: bool, seed: int, group=None) -> ModelRunner:
-        kv = allocate_kv_caches(self.mc.num_hidden_layers, num_blocks, block_size, self.num_kv_heads,
-                                self.mc.head_dim, self.dtype, fp8, self.device)
+    def init_runner(self, layout: KVLayout, block_size: int, fp8: bool, seed: int, group=None) -> ModelRunner:
+        kv = allocate_kv_caches(layout, self.mc.is_sliding, block_size, self.num_kv_heads, self.mc.head_dim,
+                                self.dtype, fp8, self.device)
         return ModelRunner(self.model, kv, block_size, self.device, seed, group)

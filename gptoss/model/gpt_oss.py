@@ -70,10 +70,14 @@ class AttentionBlock(nn.Module):
         k = self.rope(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), positions)  # [T, Hkv, D]
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         cache = ctx.kv_caches[self.layer_idx]
+        # sliding layers may keep their blocks in a group of their own (only the window is held)
+        own = self.window is not None and ctx.swa_block_tables is not None
+        tables = ctx.swa_block_tables if own else ctx.block_tables
+        slots = ctx.swa_slot_mapping if own else ctx.slot_mapping
         with torch.profiler.record_function("attn.kv_write"):
-            write_kv(k, v, cache.k, cache.v, ctx.slot_mapping, cache.k_scale, cache.v_scale)
+            write_kv(k, v, cache.k, cache.v, slots, cache.k_scale, cache.v_scale)
         with torch.profiler.record_function("attn.core"):
-            o = paged_attention(q, cache.k, cache.v, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens,
+            o = paged_attention(q, cache.k, cache.v, tables, ctx.query_start_loc, ctx.seq_lens,
                                 ctx.max_query_len, ctx.max_seq_len, self.sinks, self.sm_scale, self.window,
                                 cache.k_scale, cache.v_scale)
         with torch.profiler.record_function("attn.out"):
