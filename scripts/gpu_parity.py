@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 
-def our_logits(ckpt, backend, prompts):
+def our_logits(ckpt, backend, prompts, dtype="bfloat16"):
     from gptoss import LLM, SamplingParams
-    llm = LLM(str(ckpt), moe_backend=backend, dtype="bfloat16", device="cuda", max_model_len=4096,
+    llm = LLM(str(ckpt), moe_backend=backend, dtype=dtype, device="cuda", max_model_len=4096,
               kv_cache_memory_bytes=2 << 30, progress=False)
     captured = []
     model = llm.engine.model
@@ -43,10 +43,10 @@ def our_logits(ckpt, backend, prompts):
     return logits, tokens
 
 
-def hf_logits(ckpt, prompts):
+def hf_logits(ckpt, prompts, dtype=torch.bfloat16):
     from transformers import GptOssForCausalLM, Mxfp4Config
     m = GptOssForCausalLM.from_pretrained(str(ckpt), quantization_config=Mxfp4Config(dequantize=True),
-                                          dtype=torch.bfloat16, device_map="cuda").eval()
+                                          dtype=dtype, device_map="cuda").eval()
     logits, tokens = [], []
     with torch.no_grad():
         for p in prompts:
@@ -65,6 +65,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default="/tmp/gptoss-20b")
     ap.add_argument("--moe-backend", nargs="+", default=["torch"])
+    ap.add_argument("--fp32", action="store_true", help="also run HF and ours in fp32 (needs an H200)")
     a = ap.parse_args()
     ckpt = Path(a.ckpt)
     if not (ckpt / "config.json").exists():
@@ -74,19 +75,24 @@ def main():
         print(f"make-checkpoint gpt-oss-20b on {torch.cuda.get_device_name()}: {time.perf_counter() - t0:.1f}s")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 199998, (n,), generator=g).tolist() for n in (7, 200, 1500)]
-    ref, ref_tok = hf_logits(ckpt, prompts)
-    rows = []
+    runs = {"hf bf16": hf_logits(ckpt, prompts)}
+    if a.fp32:  # HF in fp32 needs ~85 GB: the H200
+        runs["hf fp32"] = hf_logits(ckpt, prompts, torch.float32)
+        runs["ours fp32"] = our_logits(ckpt, "torch", prompts, "float32")
     for backend in a.moe_backend:
-        ours, tok = our_logits(ckpt, backend, prompts)
-        for p, r, o, rt, t in zip(prompts, ref, ours, ref_tok, tok):
-            err = ((o - r).abs().max() / r.abs().max()).item()
-            rms = ((o - r).pow(2).mean().sqrt() / r.abs().max()).item()
-            same = next((i for i, (x, y) in enumerate(zip(rt, t)) if x != y), len(t))
-            rows.append((backend, len(p), err, rms, same, r.std().item()))
-    print(f"\n{'backend':10s} {'prompt':>6s} {'norm max err':>12s} {'norm rms err':>12s} "
-          f"{'same greedy':>11s} {'ref logit std':>13s}")
-    for b, n, e, r, s, sd in rows:
-        print(f"{b:10s} {n:6d} {e:12.2e} {r:12.2e} {s:8d}/32 {sd:13.3f}  {'OK' if e <= 2e-2 else 'FAIL'}")
+        runs[f"ours bf16 {backend}"] = our_logits(ckpt, backend, prompts)
+    refs = ["hf bf16"] + (["hf fp32"] if a.fp32 else [])
+    print(f"\n{'run':22s} {'vs':8s} {'prompt':>6s} {'norm max err':>12s} {'norm rms err':>12s} {'same greedy':>11s}")
+    for ref_name in refs:
+        ref, ref_tok = runs[ref_name]
+        for name, (ours, tok) in runs.items():
+            if name == ref_name:
+                continue
+            for p, r, o, rt, t in zip(prompts, ref, ours, ref_tok, tok):
+                err = ((o - r).abs().max() / r.abs().max()).item()
+                rms = ((o - r).pow(2).mean().sqrt() / r.abs().max()).item()
+                same = next((i for i, (x, y) in enumerate(zip(rt, t)) if x != y), len(t))
+                print(f"{name:22s} {ref_name:8s} {len(p):6d} {err:12.2e} {rms:12.2e} {same:8d}/32")
 
 
 if __name__ == "__main__":

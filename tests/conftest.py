@@ -13,6 +13,9 @@ _TOKENIZER = ROOT.parent / "shared" / "tokenizer"
 if "TIKTOKEN_ENCODINGS_BASE" not in os.environ and _TOKENIZER.is_dir():
     os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(_TOKENIZER)
 
+# the tiny test models run many small ops: one intra-op thread beats two fighting over 2 cores
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -78,6 +78,10 @@ class LLMEngine:
             self.pool = KVCacheManager(layout.num_blocks, self.block_size, config.enable_prefix_caching,
                                        layout.window, layout.num_swa_blocks)
             self.runner = self.worker.init_runner(layout, self.block_size, self.kv_fp8, config.seed, self.workers)
+            self.cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager and self.workers is None
+                                and self.worker.graph_safe)
+            if self.cuda_graphs:
+                self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len, layout.window is not None)
         except BaseException:
             if self.workers is not None:
                 self.workers.shutdown()

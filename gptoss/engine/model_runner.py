@@ -23,6 +23,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         self.group = group  # tensor-parallel worker group (rank 0 only), or None
+        self.graphs = None  # DecodeGraphs once captured
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
@@ -77,6 +78,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
         header, flat, samplers = self._pack(out)
+        T, B, _, S, max_q = header[:5]
+        if self.graphs is not None and max_q == 1 and S == B == T and self.graphs.fits(B):
+            ids, pos, ctx = self.unpack(header, flat)
+            logits = self.graphs.run(ctx, ids, pos)  # a pure decode step: replay a captured graph
+            return samplers, sample(logits, samplers, self.generator)
         if self.group is not None:
             self.group.send_step(header, flat)
         hidden, ctx = self.forward(header, flat)
@@ -84,6 +90,11 @@ class ModelRunner:
             return samplers, None
         logits = self.model.compute_logits(hidden[ctx.logits_indices])
         return samplers, sample(logits, samplers, self.generator)
+
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int, swa: bool) -> None:
+        from .cuda_graphs import DecodeGraphs
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch, max_model_len, self.block_size, swa,
+                                   self.device)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:

@@ -24,6 +24,7 @@ class Worker:
                  dtype: torch.dtype, max_model_len: int, par: ParallelState, progress: bool):
         backend_cls = get_moe_backend(config.moe_backend, device, mc)
         self.moe_backend = backend_cls.name
+        self.graph_safe = backend_cls.graph_safe
         self.device, self.dtype, self.mc = device, dtype, mc
         self.model = Transformer(mc, dtype, device, max_model_len, par)
         load_weights(self.model, root, progress=progress and par.tp_rank == 0)

@@ -51,7 +51,9 @@ DEFAULT_FP8_OPTIONS = AttentionOptions(prefill_num_warps=4, prefill_num_stages=4
 
 
 def _uses_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or INTERPRETED
+    # float32 on a GPU is for reference checks: the torch twin keeps it exact (Triton's fp32 dots
+    # would run in tf32)
+    return (t.is_cuda and t.dtype != torch.float32) or INTERPRETED
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale) -> bool:

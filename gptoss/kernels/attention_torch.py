@@ -71,32 +71,34 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
     out = torch.empty_like(q)
+    sink = sinks.float().view(Hkv, group, 1, 1)
     start = 0
     for b, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
         ql, sl = int(ql), int(sl)
         if ql == 0:
             continue
-        nblk = -(-sl // block_size)
-        blocks = block_tables[b, :nblk].long()
-        k = k_cache[blocks].flatten(0, 1)[:sl].float()  # [L, Hkv, D]
-        v = v_cache[blocks].flatten(0, 1)[:sl].float()
+        # only the blocks some query can see: a sliding layer's window starts late
+        first = max(0, sl - ql - window + 1) if window is not None and window > 0 else 0
+        b0, nblk = first // block_size, -(-sl // block_size)
+        blocks = block_tables[b, b0:nblk].long()
+        k0 = b0 * block_size
+        k = k_cache[blocks].flatten(0, 1)[:sl - k0].float()  # [L, Hkv, D], positions k0..sl-1
+        v = v_cache[blocks].flatten(0, 1)[:sl - k0].float()
         if k_scale is not None:
-            k = k * k_scale[blocks].flatten(0, 1)[:sl, :, None].float()
+            k = k * k_scale[blocks].flatten(0, 1)[:sl - k0, :, None].float()
         if v_scale is not None:
-            v = v * v_scale[blocks].flatten(0, 1)[:sl, :, None].float()
-        k = k.repeat_interleave(group, dim=1)  # [L, Hq, D]
-        v = v.repeat_interleave(group, dim=1)
-        qs = q[start:start + ql].float()  # [ql, Hq, D]
-        scores = torch.einsum("qhd,khd->hqk", qs, k) * sm_scale  # [Hq, ql, L]
+            v = v * v_scale[blocks].flatten(0, 1)[:sl - k0, :, None].float()
+        qs = q[start:start + ql].float().view(ql, Hkv, group, D)  # GQA: query groups share a kv head
+        scores = torch.einsum("qhgd,khd->hgqk", qs, k) * sm_scale  # [Hkv, group, ql, L]
         qpos = torch.arange(sl - ql, sl, device=q.device)[:, None]
-        kpos = torch.arange(sl, device=q.device)[None, :]
+        kpos = torch.arange(k0, sl, device=q.device)[None, :]
         allowed = kpos <= qpos
         if window is not None and window > 0:
             allowed &= qpos - kpos < window
         scores = scores.masked_fill(~allowed, float("-inf"))
-        sink = sinks.float().view(Hq, 1, 1).expand(Hq, ql, 1)
-        logits = torch.cat([scores, sink], dim=-1)
+        logits = torch.cat([scores, sink.expand(Hkv, group, ql, 1)], dim=-1)
         probs = torch.softmax(logits, dim=-1)[..., :-1]  # the sink takes its share, then is dropped
-        out[start:start + ql] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+        o = torch.einsum("hgqk,khd->qhgd", probs, v)  # [ql, Hkv, group, D]
+        out[start:start + ql] = o.reshape(ql, Hq, D).to(q.dtype)
         start += ql
     return out

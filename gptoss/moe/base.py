@@ -60,6 +60,8 @@ class MoEWeights:
 class MoEBackend:
     """Base class: subclasses set `name` (by the registry), implement is_supported and forward."""
     name: ClassVar[str] = ""
+    # forward has no host sync and no data-dependent shapes, so a CUDA graph can capture it
+    graph_safe: ClassVar[bool] = False
 
     @classmethod
     def is_supported(cls, device: torch.device, config) -> tuple[bool, str]:

@@ -8,6 +8,10 @@ from ..quant.mxfp4 import dequantize_mxfp4
 from .base import MoEBackend, route_torch, swiglu_torch
 from .registry import register_moe_backend
 
+# a layer whose dequantized experts fit in this many bytes keeps them (tiny test models on CPU, where
+# re-dequantizing every step dominates the time); real models dequantize per expert, per call
+KEEP_DEQUANTIZED_BYTES = 16 << 20
+
 
 @register_moe_backend("torch")
 class TorchMoE(MoEBackend):
@@ -18,6 +22,13 @@ class TorchMoE(MoEBackend):
     def __init__(self, weights, spec, dtype):
         super().__init__(weights, spec, dtype)
         self.w = weights
+        n = spec.local_experts * 3 * spec.intermediate_size * spec.hidden_size * dtype.itemsize
+        self._kept = [self._dequantize(e) for e in range(spec.local_experts)] if n <= KEEP_DEQUANTIZED_BYTES else None
+
+    def _dequantize(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.w
+        return (dequantize_mxfp4(w.gate_up_blocks[e], w.gate_up_scales[e], self.dtype),  # [2I, H]
+                dequantize_mxfp4(w.down_blocks[e], w.down_scales[e], self.dtype))         # [H, I]
 
     def forward(self, x, router_logits):
         spec = self.spec
@@ -28,12 +39,12 @@ class TorchMoE(MoEBackend):
             if not 0 <= e < spec.local_experts:
                 continue  # another rank's expert
             tok, slot = (local == e).nonzero(as_tuple=True)
-            w1 = dequantize_mxfp4(self.w.gate_up_blocks[e], self.w.gate_up_scales[e], self.dtype)
-            w2 = dequantize_mxfp4(self.w.down_blocks[e], self.w.down_scales[e], self.dtype)
+            w1, w2 = self._kept[e] if self._kept is not None else self._dequantize(e)
             h = x[tok] @ w1.T + self.w.gate_up_bias[e].to(self.dtype)  # [n, 2I]
             a = swiglu_torch(h, spec.swiglu_alpha, spec.swiglu_limit)  # [n, I]
             y = a @ w2.T  # [n, H]
             if spec.add_down_bias:
                 y = y + self.w.down_bias[e].to(self.dtype)
-            out.index_add_(0, tok, y.float() * weights[tok, slot].unsqueeze(-1))
+            # a token picks an expert at most once, so `tok` has no repeats
+            out.index_put_((tok,), y.float() * weights[tok, slot].unsqueeze(-1), accumulate=True)
         return out.to(x.dtype)
