@@ -1,4 +1,4 @@
-"""The `gptoss` command line: generate, make-checkpoint (and more as they land)."""
+"""The `gptoss` command line: generate, chat, serve, make-checkpoint (and more as they land)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,196 @@ def cmd_backends(a) -> int:
     return 0
 
 
+def _load_tools(path: str) -> list:
+    import json
+    with open(path) as f:
+        tools = json.load(f)
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list):
+        raise ValueError(f"{path} must hold a JSON list of OpenAI tool definitions")
+    return tools
+
+
+class _ChatPrinter:
+    """Prints parser deltas: reasoning dimmed, the answer plain, tool calls as name(arguments)."""
+
+    def __init__(self, color: bool, show_reasoning: bool):
+        self.dim, self.reset = ("\033[2m", "\033[0m") if color else ("", "")
+        self.show_reasoning = show_reasoning
+        self.kind: str | None = None
+
+    def _switch(self, kind: str) -> None:
+        if self.kind == "call":
+            print(")", end="")
+        if self.kind is not None and (kind != self.kind or kind == "call"):
+            print()
+        self.kind = kind
+
+    def show(self, d) -> None:
+        from .harmony import ContentDelta, ReasoningDelta, ToolCallArguments, ToolCallStart
+        if isinstance(d, ReasoningDelta):
+            if not self.show_reasoning:
+                return
+            if self.kind != "reasoning":
+                self._switch("reasoning")
+                print(f"{self.dim}[thinking] ", end="")
+            print(f"{self.dim}{d.text}{self.reset}", end="", flush=True)
+        elif isinstance(d, ContentDelta):
+            if self.kind != "content":
+                self._switch("content")
+            print(d.text, end="", flush=True)
+        elif isinstance(d, ToolCallStart):
+            self._switch("call")
+            print(f"[tool call] {d.name}(", end="", flush=True)
+        elif isinstance(d, ToolCallArguments):
+            print(d.text, end="", flush=True)
+
+    def end(self, note: str | None = None) -> None:
+        self._switch("end")
+        if note:
+            print(f"{self.dim}[{note}]{self.reset}")
+        self.kind = None
+
+
+def _chat_turn(llm, history, sp, tools, tool_choice, effort, printer):
+    """Generate one assistant turn, printing it as it streams; returns the parsed turn."""
+    from .chat import prepare_chat
+    from .harmony import StreamingParser
+    ids, run_sp = prepare_chat(history, sp, tools, tool_choice, effort)
+    parser, seen, c = StreamingParser(), 0, None
+    for out in llm.generate_stream({"prompt_token_ids": ids}, run_sp):
+        c = out.outputs[0]
+        for t in c.token_ids[seen:]:
+            for d in parser.feed(t):
+                printer.show(d)
+        seen = len(c.token_ids)
+    for d in parser.finish():
+        printer.show(d)
+    turn = parser.result()
+    printer.end("stopped at --max-tokens" if c is not None and c.finish_reason == "length" else None)
+    return turn
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to a flag's help unless the help already speaks of its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+_CHAT_HELP = """commands: /reset (forget the conversation)  /effort low|medium|high  /system TEXT
+          /exit or Ctrl-D (quit); Ctrl-C stops a reply"""
+
+
+def cmd_chat(a) -> int:
+    from . import LLM, SamplingParams
+    from .chat import REASONING_EFFORTS
+    tools = _load_tools(a.tools) if a.tools else None
+    sp = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                        seed=a.seed)
+    print(f"gptoss chat: loading {a.model} ...", file=sys.stderr, flush=True)
+    llm = LLM(a.model, **_engine_kwargs(a))
+    printer = _ChatPrinter(color=sys.stdout.isatty() and not a.no_color, show_reasoning=not a.hide_reasoning)
+    system, effort = a.system, a.reasoning_effort
+    history: list[dict] = []
+    print(f"gptoss chat: ready on {llm.engine.device} (reasoning effort {effort}"
+          f"{f', {len(tools)} tool' + ('s' if len(tools) > 1 else '') if tools else ''}).\n{_CHAT_HELP}")
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text in ("/help", "/?"):
+            print(_CHAT_HELP)
+            continue
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if text.startswith("/effort"):
+            value = text[len("/effort"):].strip()
+            if value in REASONING_EFFORTS:
+                effort = value
+                print(f"(reasoning effort {effort})")
+            else:
+                print(f"(choose one of {', '.join(REASONING_EFFORTS)})")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            print(f"(system message {'set' if system else 'cleared'})")
+            continue
+        mark = len(history)
+        history.append({"role": "user", "content": line})
+        choice = a.tool_choice if a.tool_choice in ("auto", "none", "required") else \
+            {"type": "function", "function": {"name": a.tool_choice}}
+        try:
+            while True:  # model turns until it answers without calling a tool
+                head = [{"role": "system", "content": system}] if system else []
+                turn = _chat_turn(llm, head + history, sp, tools, choice, effort, printer)
+                calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                         for c in turn.tool_calls]
+                history.append({"role": "assistant", "content": turn.content, "reasoning_content": turn.reasoning,
+                                **({"tool_calls": calls} if calls else {})})
+                if not calls:
+                    break
+                for c in turn.tool_calls:
+                    result = input(f"result of {c.name}> ")
+                    history.append({"role": "tool", "tool_call_id": c.id, "content": result})
+                choice = "auto"  # after the results, the model may answer
+        except KeyboardInterrupt:
+            printer.end("interrupted")
+            del history[mark:]
+        except EOFError:
+            print()
+            return 0
+        except ValueError as e:  # e.g. the conversation outgrew --max-model-len
+            printer.end()
+            print(f"gptoss chat: error: {e}", file=sys.stderr)
+            del history[mark:]
+
+
+def cmd_serve(a) -> int:
+    try:
+        from .serve.app import run_server
+    except ImportError as e:
+        raise RuntimeError(f"serve needs the serve extra ({e}); install it with pip install 'gptoss[serve]'") from None
+    import logging
+    logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+    run_server(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
+               max_queued_requests=a.max_queued_requests, max_request_bytes=a.max_request_bytes,
+               allowed_origins=a.allowed_origins, log_requests=a.log_requests, log_level=a.log_level,
+               **_engine_kwargs(a))
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from . import LLM
+    from .bench import format_table, run_bench
+    kw = _engine_kwargs(a)
+    kw.update(max_num_seqs=max(a.max_num_seqs, max(a.concurrency)), enforce_eager=a.enforce_eager,
+              enable_prefix_caching=False)  # every run's prompts are new anyway; no cache credit
+    llm = LLM(a.model, **kw)
+    modes = ("latency", "throughput") if a.mode == "all" else (a.mode,)
+    res = run_bench(llm, output_len=a.output_len, ttft_prompt_len=a.ttft_prompt_len,
+                    concurrencies=a.concurrency, input_len=a.input_len, throughput_output_len=a.output_len,
+                    runs=a.runs, modes=modes)
+    settings = {"model": a.model, "moe_backend": llm.engine.moe_backend, "dtype": str(llm.engine.dtype),
+                "kv_cache_dtype": a.kv_cache_dtype, "cuda_graphs": getattr(llm.engine, "cuda_graphs", False),
+                "runs": a.runs}
+    print(format_table(llm, res, settings))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gptoss", description="Run OpenAI's gpt-oss models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -90,6 +280,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
+    fmt = _DefaultsFormatter
+    c = sub.add_parser("chat", help="chat with the model in the terminal (reasoning shown dimmed)",
+                       formatter_class=fmt,
+                       description="Interactive chat in the harmony format. The model's reasoning streams "
+                                   "dimmed, the answer plain, and tool calls as name(arguments); with "
+                                   "--tools you type each tool's result and the model continues. "
+                                   "Commands: /reset, /effort LEVEL, /system TEXT, /exit.")
+    _add_engine_args(c)
+    _add_sampling_args(c)
+    c.set_defaults(max_tokens=2048, temperature=1.0)  # gpt-oss is tuned for temperature 1
+    c.add_argument("--reasoning-effort", default="medium", choices=["low", "medium", "high"],
+                   help="how long the model thinks before answering (change it later with /effort)")
+    c.add_argument("--system", default=None, help="system instructions for the conversation")
+    c.add_argument("--tools", default=None, metavar="FILE",
+                   help="JSON file with OpenAI tool definitions [{'type': 'function', 'function': {name, "
+                        "description, parameters}}]; you answer each call with its result")
+    c.add_argument("--tool-choice", default="auto",
+                   help="'auto', 'none', 'required', or a function name to force; applies to the first reply "
+                        "after each of your messages")
+    c.add_argument("--hide-reasoning", action="store_true", help="do not print the model's reasoning")
+    c.add_argument("--no-color", action="store_true", help="print reasoning without dimming (no ANSI codes)")
+    c.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                       formatter_class=fmt,
+                       description="OpenAI-compatible server: /v1/chat/completions (streaming, tools, "
+                                   "reasoning_effort, json_schema), /v1/completions, /v1/models, /health, "
+                                   "/metrics. Needs the serve extra: pip install 'gptoss[serve]'.")
+    _add_engine_args(s)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind: 127.0.0.1 only accepts local clients, 0.0.0.0 accepts everyone")
+    s.add_argument("--port", type=int, default=8000, help="TCP port")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (compared in constant time)")
+    s.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients send in 'model' and /v1/models lists (default: MODEL as given)")
+    s.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="most sequences waiting for the engine; more requests get 503 until the queue drains")
+    s.add_argument("--max-request-bytes", type=int, default=16 << 20,
+                   help="largest request body accepted; bigger ones get 413")
+    s.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                   help="enable CORS for these browser origins (e.g. http://localhost:3000); off by default")
+    s.add_argument("--log-requests", action="store_true",
+                   help="log each request's prompt and parameters (off by default: prompts are user data)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log level (uvicorn access log included)")
+    s.set_defaults(func=cmd_serve)
+
     m = sub.add_parser("make-checkpoint", help="write a random gpt-oss checkpoint in the HF layout",
                        description="Random weights in exactly the Hugging Face gpt-oss layout (MXFP4 "
                                    "experts, bf16 elsewhere), scaled so activations stay realistic.")
@@ -99,6 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="random seed (same seed, same weights)")
     m.add_argument("--device", default=None, help="where to draw the weights (default: cuda if present)")
     m.set_defaults(func=cmd_make_checkpoint)
+
+    be = sub.add_parser("bench", help="measure decode speed, TTFT and throughput; prints a table",
+                        description="Latency (batch-1 decode tokens/s, time to first token) and throughput "
+                                    "(output tokens/s at each concurrency) on random prompts, medians over "
+                                    "--runs runs, as one table with the device and the settings.")
+    _add_engine_args(be)
+    be.add_argument("--mode", default="all", choices=["all", "latency", "throughput"],
+                    help="which figures to measure")
+    be.add_argument("--input-len", type=int, default=1024, help="prompt tokens per throughput request")
+    be.add_argument("--output-len", type=int, default=1024,
+                    help="tokens generated per request (EOS ignored), for decode and throughput")
+    be.add_argument("--ttft-prompt-len", type=int, default=2048, help="prompt tokens for the TTFT figure")
+    be.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64, 256],
+                    help="requests in flight for each throughput figure")
+    be.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported")
+    be.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (to compare)")
+    be.set_defaults(func=cmd_bench)
 
     b = sub.add_parser("backends", help="list the MoE backends and whether they run here",
                        description="List registered MoE backends and whether each supports this machine.")

@@ -14,17 +14,17 @@ from gptoss.harmony import encoding as E  # noqa: E402
 from gptoss.harmony.grammar import (GrammarCompiler, GrammarError, GrammarLimits,  # noqa: E402
                                     allocate_bitmask, apply_bitmask, default_reasoning_budget,
                                     reasoning_close_tokens)
-from gptoss.harmony.parser import parse_completion  # noqa: E402
+from gptoss.harmony.parser import StreamingParser, parse_completion  # noqa: E402
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["city"],
-    "properties": {"city": {"type": "string", "maxLength": 12},
+    "properties": {"city": {"type": "string", "maxLength": 8},
                    "unit": {"type": "string", "enum": ["c", "f"]}}}}}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["zone"],
     "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}}}}}
 ANSWER = {"type": "object", "additionalProperties": False, "required": ["answer", "score"],
-          "properties": {"answer": {"type": "string", "maxLength": 16},
+          "properties": {"answer": {"type": "string", "maxLength": 8},
                          "score": {"type": "integer", "minimum": 0, "maximum": 100}}}
 
 
@@ -33,11 +33,25 @@ def compiler():
     return GrammarCompiler.get()
 
 
-def accepts(grammar, text: str) -> bool:
+def _allowed(bitmask, tid: int) -> bool:
+    return bool((int(bitmask[0, tid // 32]) >> (tid % 32)) & 1)
+
+
+def feed(grammar, text: str) -> bool:
+    """Feed `text` the way a sampler does: fill the mask, check the token is in it, accept it."""
+    bitmask = allocate_bitmask(1)
     for tid in E.encode(text):
-        if not grammar.accept_token(tid):
+        grammar.fill_bitmask(bitmask, 0)
+        matched = grammar.accept_token(tid)
+        # the mask and the matcher must agree (xgrammar's shared cache once broke this)
+        assert matched == _allowed(bitmask, tid), (text, E.decode([tid]))
+        if not matched:
             return False
-    return grammar.is_terminated()
+    return True
+
+
+def accepts(grammar, text: str) -> bool:
+    return feed(grammar, text) and grammar.is_terminated()
 
 
 def test_singleton(compiler):
@@ -79,7 +93,7 @@ def test_required_and_named_force_a_call(compiler):
     g = compiler.compile_request(tools=[WEATHER, TIME], tool_choice=named)
     assert not accepts(g, '<|channel|>commentary to=functions.get_weather <|constrain|>json'
                           '<|message|>{"city":"Rome"}<|call|>')
-    g = compiler.compile_request(tools=[WEATHER, TIME], tool_choice=named)
+    g = compiler.compile_request(tools=[WEATHER, TIME], tool_choice={"type": "function", "name": "get_time"})
     assert accepts(g, '<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>'
                       '{"zone":3}<|call|>')
 
@@ -96,27 +110,42 @@ def test_json_schema_on_final_after_free_analysis(compiler):
 
 def test_reasoning_budget_closes_analysis_and_forces_what_follows(compiler):
     g = compiler.compile_request(json_schema=ANSWER, reasoning_budget=3)
+    bitmask = allocate_bitmask(1)
     for tid in E.encode("<|channel|>analysis<|message|>a b c"):
+        g.fill_bitmask(bitmask, 0)  # xgrammar counts the budget on the mask-driven path
         assert g.accept_token(tid)
     forced = g.forced_tokens()
-    assert forced[:3] == reasoning_close_tokens()
-    assert E.decode(forced) == '<|end|><|start|>assistant<|channel|>final<|message|>{"'[:len(E.decode(forced))]
-    assert E.decode(forced).startswith("<|end|><|start|>assistant<|channel|>final<|message|>")
+    # everything up to the JSON is forced, header words as their canonical tokens
+    assert forced == reasoning_close_tokens() + E.encode("<|channel|>final<|message|>")
     assert g.forced_tokens() == forced  # forced_tokens leaves the state alone
+    g.fill_bitmask(bitmask, 0)
     assert not g.accept_token(E.encode(" d")[0])
     assert default_reasoning_budget(100) == 50
 
 
-def test_no_budget_means_no_analysis(compiler):
-    g = compiler.compile_request(json_schema=ANSWER, reasoning_budget=0)
-    assert not g.accept_token(E.CHANNEL) or not accepts(g, "analysis")
+def test_bare_json_for_plain_generate(compiler):
+    g = compiler.compile_json({"type": "integer"})
+    assert feed(g, "12") and not g.is_terminated()  # the model may go on to "123"
+    assert feed(g, "3<|return|>") and g.is_terminated()
+    g = compiler.compile_json(ANSWER)
+    assert not feed(g, '{"answer": "x"}<|return|>')  # "score" is required
+    with pytest.raises(GrammarError, match="Unsupported type"):
+        compiler.compile_json({"type": "foo"})
 
 
-def _random_turn(grammar, max_tokens: int, seed: int) -> list[int]:
-    """A model with random logits, held to the grammar."""
+def test_zero_budget_means_no_analysis(compiler):
+    assert not feed(compiler.compile_request(json_schema=ANSWER, reasoning_budget=0),
+                    "<|channel|>analysis")
+    assert accepts(compiler.compile_request(json_schema=ANSWER, reasoning_budget=0),
+                   '<|channel|>final<|message|>{"answer": "", "score": 1}<|return|>')
+
+
+def _random_turn(grammar, max_tokens: int, seed: int, prefix: str = "") -> list[int]:
+    """A model with random logits, held to the grammar, after `prefix`."""
     gen = torch.Generator().manual_seed(seed)
     bitmask = allocate_bitmask(1)
-    out = []
+    assert feed(grammar, prefix)
+    out = E.encode(prefix)
     while not grammar.is_terminated() and len(out) < max_tokens:
         logits = torch.randn(1, E.VOCAB_SIZE, generator=gen)
         grammar.fill_bitmask(bitmask, 0)
@@ -127,15 +156,25 @@ def _random_turn(grammar, max_tokens: int, seed: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_random_model_ends_in_a_complete_call(compiler, seed):
+def _parse_cleanly(ids):
+    """What the grammar lets through, the parser reads without a single complaint."""
+    parser = StreamingParser()
+    parser.feed_many(ids)
+    parser.finish()
+    assert parser.problems == []
+    assert parser.result() == parse_completion(ids, call_id_factory=lambda: parser.result().tool_calls[0].id)
+    return parser.result()
+
+
+@pytest.mark.parametrize("seed,prefix", [(0, ""), (1, "<|channel|>analysis<|message|>")])
+def test_random_model_ends_in_a_complete_call(compiler, seed, prefix):
     jsonschema = pytest.importorskip("jsonschema")
     max_tokens = 160
     g = compiler.compile_request(tools=[WEATHER, TIME], tool_choice="required",
                                  reasoning_budget=default_reasoning_budget(max_tokens))
-    ids = _random_turn(g, max_tokens, seed)
+    ids = _random_turn(g, max_tokens, seed, prefix)
     assert g.is_terminated() and ids[-1] == E.CALL
-    turn = parse_completion(ids)
+    turn = _parse_cleanly(ids)
     assert len(turn.tool_calls) == 1
     call = turn.tool_calls[0]
     schema = {"get_weather": WEATHER, "get_time": TIME}[call.name]["function"]["parameters"]
@@ -146,10 +185,11 @@ def test_random_model_ends_in_complete_json(compiler):
     jsonschema = pytest.importorskip("jsonschema")
     max_tokens = 160
     g = compiler.compile_request(json_schema=ANSWER, reasoning_budget=default_reasoning_budget(max_tokens))
-    ids = _random_turn(g, max_tokens, seed=3)
+    ids = _random_turn(g, max_tokens, seed=3, prefix="<|channel|>analysis<|message|>")
     assert g.is_terminated() and ids[-1] == E.RETURN
-    turn = parse_completion(ids)
-    assert turn.tool_calls == [] and turn.reasoning  # the random model used its budget
+    turn = _parse_cleanly(ids)
+    # a random model never ends its reasoning by itself: the budget did
+    assert turn.tool_calls == [] and len(E.encode(turn.reasoning)) >= max_tokens // 4
     jsonschema.validate(json.loads(turn.content), ANSWER)
 
 

@@ -1,8 +1,7 @@
 """Token choice on the device: penalties, temperature, top-k / top-p / min-p, seeded sampling, logprobs.
 
-Sampling uses the exponential race (argmax of p / q with q ~ Exp(1)), drawing q from the request's
-own generator when it has a seed, so a seeded request samples the same tokens whatever else is in
-the batch.
+Sampling is inverse-CDF with one uniform per row, drawn from the request's own generator when it has
+a seed, so a seeded request samples the same tokens whatever else is in the batch.
 """
 
 from __future__ import annotations
@@ -45,53 +44,64 @@ def _ban_stops_before_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> N
 
 
 def _truncate(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p masks; rows are processed in one batch."""
+    """Temperature, then top-k, top-p and min-p masks, batched over rows; the decisions about which
+    masks to build come from the host-side params, so nothing here waits on the device."""
     dev = logits.device
     temp = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs], device=dev).unsqueeze(1)
-    logits = logits / temp
-    top_k = [r.params.top_k for r in reqs]
-    if any(k > 0 for k in top_k):
-        V = logits.shape[-1]
-        k = torch.tensor([k if k > 0 else V for k in top_k], device=dev).clamp(max=V)
+    logits = logits.div_(temp)
+    V = logits.shape[-1]
+    if any(r.params.top_k > 0 for r in reqs):
+        k = torch.tensor([min(r.params.top_k, V) if r.params.top_k > 0 else V for r in reqs], device=dev)
         kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
-    if (top_p < 1).any():
+        logits = logits.masked_fill_(logits < kth, float("-inf"))
+    if any(r.params.top_p < 1 for r in reqs):
+        top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
         sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
         drop = (probs.cumsum(-1) - probs) >= top_p.unsqueeze(1)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, idx, sorted_logits)
-    min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
-    if (min_p > 0).any():
+    if any(r.params.min_p > 0 for r in reqs):
+        min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), float("-inf"))
+        logits = logits.masked_fill_(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
+
+
+def _uniforms(reqs: list[Request], rows: list[int], default_generator, device) -> torch.Tensor:
+    """One uniform number per sampling row: from the request's own generator when it has a seed (so
+    its draws do not depend on the batch), else all at once from the engine's."""
+    u = torch.rand(len(rows), generator=default_generator, device=device)
+    for j, i in enumerate(rows):
+        if reqs[i].generator is not None:
+            u[j] = torch.rand(1, generator=reqs[i].generator, device=device)[0]
+    return u
 
 
 def sample(logits: torch.Tensor, reqs: list[Request], default_generator: torch.Generator | None = None
            ) -> SamplerOutput:
-    """logits [S, V] fp32 (one row per request that samples this step)."""
-    raw = logits
-    logits = logits.clone()
+    """logits [S, V] fp32, one row per request that samples this step (modified in place).
+
+    A sampled row draws one uniform u and takes the first token whose cumulative probability
+    exceeds u (inverse-CDF sampling): one random number per row instead of one per vocabulary entry.
+    """
+    want = [r.params.logprobs for r in reqs]
+    raw = logits.clone() if any(w is not None for w in want) else None
     apply_grammars(logits, reqs)
     _penalize(logits, reqs)
     _ban_stops_before_min_tokens(logits, reqs)
-    greedy = torch.tensor([r.params.greedy for r in reqs], device=logits.device)
     chosen = logits.argmax(-1)
-    if not bool(greedy.all()):
-        probs = _truncate(logits, reqs).softmax(-1)
-        q = torch.empty_like(probs)
-        for i, r in enumerate(reqs):
-            if not r.params.greedy:
-                q[i].exponential_(generator=r.generator or default_generator)
-        sampled = (probs / q).argmax(-1)
-        chosen = torch.where(greedy, chosen, sampled)
+    rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
+    if rows:
+        idx = torch.tensor(rows, device=logits.device)
+        cdf = _truncate(logits[idx], [reqs[i] for i in rows]).softmax(-1).cumsum_(-1)
+        u = _uniforms(reqs, rows, default_generator, logits.device) * cdf[:, -1]
+        picked = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
+        chosen[idx] = picked
     token_ids = chosen.tolist()
-    want = [r.params.logprobs for r in reqs]
     logprobs: list = [None] * len(reqs)
-    if any(w is not None for w in want):
+    if raw is not None:
         # logprobs of the model's own distribution (before penalties and truncation), as vLLM returns
         lp = torch.log_softmax(raw, dim=-1)
         k = max(w or 0 for w in want)

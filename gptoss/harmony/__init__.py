@@ -7,7 +7,9 @@ from .parser import (ContentDelta, Delta, ParsedTurn, ReasoningDelta, StreamingP
                      ToolCallArguments, ToolCallStart, apply_delta, parse_completion)
 
 # xgrammar is heavy to import and only needed for constrained requests
-_GRAMMAR_NAMES = ("GrammarCompiler", "RequestGrammar", "GrammarError")
+_GRAMMAR_NAMES = ("GrammarCompiler", "RequestGrammar", "GrammarError", "GrammarLimits",
+                  "allocate_bitmask", "apply_bitmask", "default_reasoning_budget",
+                  "reasoning_close_tokens")
 
 __all__ = ["render_chat", "build_conversation", "get_encoding", "stop_token_ids", "decode", "encode",
            "parse_completion", "StreamingParser", "ParsedTurn", "ToolCall", "Delta",

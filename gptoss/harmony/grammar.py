@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -36,9 +37,10 @@ class GrammarLimits:
     compile_timeout_s: float = 10.0  # a pathological schema must not stall the engine
     max_schema_bytes: int = 64 * 1024  # the JSON text of one schema
     max_tools: int = 128
-    # runs of whitespace inside JSON; unbounded whitespace would let a model ramble forever
-    max_json_whitespace: int = 8
-    cache_limit_bytes: int = 512 * 1024 * 1024
+    # whitespace characters in a row inside JSON: `{"a": 1}` and single newlines pass, and a
+    # model cannot pad its way past max_tokens
+    max_json_whitespace: int = 1
+    cache_size: int = 64  # compiled grammars kept for reuse (same schema, same tools)
 
 
 def default_reasoning_budget(max_tokens: int) -> int:
@@ -83,8 +85,12 @@ class GrammarCompiler:
         # grammar itself ending on <|return|> or <|call|>
         info = xgr.TokenizerInfo(_vocab(), xgr.VocabType.RAW, vocab_size=E.VOCAB_SIZE,
                                  stop_token_ids=[E.FIRST_SPECIAL + 1])
-        self._compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=True,
-                                             cache_limit_bytes=limits.cache_limit_bytes)
+        # xgrammar 0.2.8's own cache shares rule masks between grammars and mixes up the ids of
+        # token rules (a grammar then allows <|return|> where it wants <|message|>), so we cache
+        # whole compiled grammars ourselves
+        self._compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=False)
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache_lock = threading.Lock()
         # compile off-thread so a slow schema can be abandoned after compile_timeout_s
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2,
                                                            thread_name_prefix="gptoss-grammar")
@@ -109,39 +115,46 @@ class GrammarCompiler:
         if calls is None and schema is None:
             return None
 
-        def const(text):
-            return st.ConstStringFormat(value=text)
-
         def tok(tid):
             return st.TokenFormat(token=tid)
 
         def seq(*elements):
             return st.SequenceFormat(elements=list(elements))
 
-        text = dict(exclude_tokens=list(_CONTROL))
-        # the model chooses both header orders and both ways of writing the content type
+        def text(s):
+            # header words as their canonical tokens, the ones the model was trained on; any
+            # other spelling would let a sampler wander (a random model spells "to=functions"
+            # one letter at a time and runs out of max_tokens)
+            return seq(*[tok(t) for t in E.encode(s, allow_special=False)])
+
+        def one_of(*elements):
+            return st.OrFormat(elements=list(elements))
+
+        free = dict(exclude_tokens=list(_CONTROL))
         choices = []
         for name, params in calls or []:
-            args = self._json(params)
-            recipient = f"to=functions.{name}"
-            constrained = seq(st.OptionalFormat(content=const(" ")), tok(E.CONSTRAIN), const("json"))
-            headers = st.OrFormat(elements=[
-                seq(tok(E.CHANNEL), const(f"commentary {recipient}"), constrained),
-                seq(tok(E.CHANNEL), const(f"commentary {recipient} json")),
-                seq(const(f" {recipient}"), tok(E.CHANNEL), const("commentary"), constrained),
-                seq(const(f" {recipient}"), tok(E.CHANNEL), const("commentary json")),
-            ])
-            choices.append(seq(headers, tok(E.MESSAGE), args, tok(E.CALL)))
+            to = f"to=functions.{name}"
+            json_type = seq(tok(E.CONSTRAIN), text("json"))
+            # both header orders and both ways of writing the content type occur
+            headers = one_of(
+                seq(tok(E.CHANNEL), text(f"commentary {to} "), json_type),
+                seq(tok(E.CHANNEL), text(f"commentary {to}"), json_type),
+                seq(tok(E.CHANNEL), text(f"commentary {to} json")),
+                seq(text(f" {to}"), tok(E.CHANNEL), text("commentary "), json_type),
+                seq(text(f" {to}"), tok(E.CHANNEL), text("commentary"), json_type),
+                seq(text(f" {to}"), tok(E.CHANNEL), text("commentary json")),
+            )
+            choices.append(seq(headers, tok(E.MESSAGE), self._json(params), tok(E.CALL)))
         if calls is None or tool_choice in (None, "auto"):
-            body = self._json(schema) if schema is not None else st.AnyTokensFormat(**text)
-            choices.append(seq(tok(E.CHANNEL), const("final"), tok(E.MESSAGE), body, tok(E.RETURN)))
-        answer = choices[0] if len(choices) == 1 else st.OrFormat(elements=choices)
+            body = self._json(schema) if schema is not None else st.AnyTokensFormat(**free)
+            choices.append(seq(tok(E.CHANNEL), text("final"), tok(E.MESSAGE), body, tok(E.RETURN)))
+        answer = choices[0] if len(choices) == 1 else one_of(*choices)
 
         if reasoning_budget is not None and reasoning_budget <= 0:
             return st.StructuralTag(format=answer)
-        analysis = seq(tok(E.CHANNEL), const("analysis"), tok(E.MESSAGE),
-                       st.AnyTokensFormat(**text, max_tokens=reasoning_budget),
-                       tok(E.END), tok(E.START), const("assistant"))
+        analysis = seq(tok(E.CHANNEL), text("analysis"), tok(E.MESSAGE),
+                       st.AnyTokensFormat(**free, max_tokens=reasoning_budget),
+                       tok(E.END), tok(E.START), text("assistant"))
         return st.StructuralTag(format=seq(st.OptionalFormat(content=analysis), answer))
 
     def compile_request(self, json_schema: Any = None, tools: Sequence[Any] | None = None,
@@ -159,6 +172,25 @@ class GrammarCompiler:
         tag = self.structural_tag(json_schema, tools, tool_choice, reasoning_budget)
         if tag is None:
             return None
+        compiled = self._compile(tag)
+        return RequestGrammar(self._xgr.GrammarMatcher(compiled, terminate_without_stop_token=True))
+
+    def compile_json(self, json_schema: Any, end_token: int = E.RETURN) -> RequestGrammar:
+        """A matcher for bare JSON (plain generate, no harmony turn): the schema, then
+        `end_token` (the model's EOS), which the mask allows only once the JSON is complete."""
+        from xgrammar import structural_tag as st
+
+        tag = st.StructuralTag(format=self._json(self._schema(json_schema, "json_schema")))
+        # the model, not the grammar, decides when "12" is done (it could go on to "123")
+        return RequestGrammar(self._xgr.GrammarMatcher(self._compile(tag),
+                                                       override_stop_tokens=[end_token]))
+
+    def _compile(self, tag):
+        key = tag.model_dump_json()
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
         future = self._pool.submit(self._compiler.compile_structural_tag, tag)
         try:
             compiled = future.result(timeout=self.limits.compile_timeout_s)
@@ -167,7 +199,11 @@ class GrammarCompiler:
                                f"{self.limits.compile_timeout_s:g} s; simplify the schema") from None
         except Exception as exc:  # xgrammar reports bad schemas as RuntimeError
             raise GrammarError(f"the schema cannot be compiled: {_xgr_message(exc)}") from None
-        return RequestGrammar(self._xgr.GrammarMatcher(compiled, terminate_without_stop_token=True))
+        with self._cache_lock:
+            self._cache[key] = compiled
+            while len(self._cache) > self.limits.cache_size:
+                self._cache.popitem(last=False)
+        return compiled
 
     # -- validation ------------------------------------------------------------------------
 
@@ -190,7 +226,7 @@ class GrammarCompiler:
         if size > self.limits.max_schema_bytes:
             raise GrammarError(f"{where} is {size} bytes of JSON; the limit is "
                                f"{self.limits.max_schema_bytes}")
-        return schema
+        return _strict_bounded_strings(schema)
 
     def _calls(self, tools, tool_choice) -> list[tuple[str, Any]] | None:
         """(name, parameters schema) of the functions the model may call, or None for no calls."""
@@ -217,9 +253,27 @@ class GrammarCompiler:
         return chosen
 
 
+def _strict_bounded_strings(schema: Any) -> Any:
+    r"""xgrammar 0.2.8 spells a string with minLength/maxLength as `[^"\\\r\n]{m,n}`, which lets raw
+    control characters (a tab, say) into the string: not JSON that strict parsers accept. The same
+    bound as a pattern over the characters JSON allows unescaped keeps the output valid."""
+    if isinstance(schema, list):
+        return [_strict_bounded_strings(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict_bounded_strings(v) for k, v in schema.items()}
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and not {"pattern", "format", "enum", "const"} & out.keys():
+        lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
+        out["pattern"] = "^[^\\x00-\\x1f\"\\\\]{%d,%s}$" % (lo, "" if hi is None else int(hi))
+    return out
+
+
 def _named_choice(tool_choice: Any) -> str:
-    fn = tool_choice.get("function") if isinstance(tool_choice, Mapping) else None
-    name = fn.get("name") if isinstance(fn, Mapping) else None
+    name = None
+    if isinstance(tool_choice, Mapping):  # Chat Completions nests the name, Responses does not
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, Mapping) else tool_choice.get("name")
     if not isinstance(name, str):
         raise GrammarError(f"tool_choice is {tool_choice!r}; allowed: 'auto', 'none', 'required', "
                            "or {'type': 'function', 'function': {'name': ...}}")

@@ -2,19 +2,21 @@
 registers, bias + clamped SwiGLU fused into the first GEMM, the routing weight and the top-k combine
 into the second.
 
-    w1 = prepare_mxfp4_weight(gate_up_blocks, gate_up_scales)          # once, at load
+    w1 = prepare_mxfp4_weight(gate_up_blocks, gate_up_scales, encoding="bf16x2")  # once, at load
     a, a_amax = moe_gate_up(x, routing, w1, b1, act, alpha, limit, opts)  # [R, I] in grouped order
     out = moe_down(a, a_amax, routing, w2, b2, act, opts, ...)           # [T, H]
 
-Activations (`act`):
-  "bf16":  bf16 x MXFP4 through tl.dot_scaled (Hopper: Triton upcasts the e2m1 tile in registers).
-           fast_math: an e8m0 NaN scale (255, never in a checkpoint) is not turned into NaNs.
-  "fp8":   e4m3 x e4m3 on the fp8 tensor cores. Activations are quantized as they are loaded with a
-           per-token dynamic scale amax/448 (x: `row_absmax`; the SwiGLU output: per-tile maxima that
-           moe_gate_up writes beside it). MXFP4 weight tiles become e4m3 in registers: code * 2^(6-d),
-           d = (row's largest scale exponent) - (block's), exact for d <= 14 (blocks with d > 14,
-           below 2^-15 of the row's largest block, count as zero); 2^(s_max - 133) per row and the
-           token scale multiply the accumulator.
+Activations (`act`) and how the MXFP4 tile reaches the tensor cores:
+  "bf16":  weights "bf16x2"-encoded at load (the codes re-packed, see _BF16X2_BITS): each 4 bytes
+           become 8 bf16 in ~13 integer ops and 8 mul.bf16x2 of inline asm, then a bf16 tl.dot.
+           Weights "e2m1" (checkpoint codes): tl.dot_scaled, where Triton upcasts on Hopper
+           (fast_math: an e8m0 NaN scale, 255, never in a checkpoint, is not turned into NaNs).
+  "fp8":   e4m3 x e4m3 on the fp8 tensor cores. Activations are quantized as they are loaded with
+           a per-token dynamic scale amax/448 (x: `row_absmax`; the SwiGLU output: per-tile maxima
+           that moe_gate_up writes beside it), times its reciprocal. MXFP4 tiles become e4m3 in
+           registers: code * 2^(6-d), d = (row's largest scale exponent) - (block's), exact for
+           d <= 14 (blocks with d > 14, below 2^-15 of the row's largest block, count as zero);
+           2^(s_max - 133) per row and the token scale multiply the accumulator.
   "mxfp8": e4m3 with one e8m0 scale per 32 (gptoss.quant.mxfp8's rule), quantized as loaded, x MXFP4
            through tl.dot_scaled (native on Blackwell; Triton emulates it elsewhere).
 Each op has a plain-torch twin (`*_torch`) with the same signature.
@@ -22,6 +24,9 @@ Each op has a plain-torch twin (`*_torch`) with the same signature.
 Weights: `MXFP4Weight` holds one projection of the local experts, either in the checkpoint's row
 layout ([E, N, K/2] bytes) or k-blocked ([E, K/BK, N, BK/2], K padded to BK with zero codes) so that
 each tile a program loads is one contiguous run; a k-blocked weight fixes the kernels' block_k.
+Interpreter traps handled here (TRITON_INTERPRET=1, Triton 3.9): tl.dot on bf16/fp8 is wrong (we
+feed it fp32 of the exact values), fp32 -> bf16 truncates and fp32 -> e4m3 drops the rounding carry
+(we round in fp32 first), and inline asm does not exist (the same bit ops in plain Triton).
 """
 
 from __future__ import annotations
@@ -32,13 +37,51 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant.fp8 import quantize_fp8
-from ..quant.mxfp4 import dequantize_mxfp4, e8m0_to_float, fp4_lut, unpack_fp4
+from ..quant.mxfp4 import dequantize_mxfp4, fp4_lut, unpack_fp4
 from ..quant.mxfp8 import dequantize_mxfp8, quantize_mxfp8
 from .moe_routing import Routing
 
 ACTS = {"bf16": 0, "fp8": 1, "mxfp8": 2}
 FP8_MAX_SHIFT = 14  # e4m3 holds code * 2^(6-d) exactly for d <= 14
+ENCODINGS = ("e2m1", "bf16x2")
+
+# "bf16x2" encoding: each 32-bit word (4 bytes, codes k0..k7 of the checkpoint, low nibble first) is
+# re-packed so that four shift/mask steps give bf16x2 words: a code's sign lands on bit 15 (31) and its
+# three magnitude bits on bits 8..6 (24..22), i.e. the bf16 (sign, exponent low bits, mantissa top
+# bit) of code * 2^-126. Per code: (sign bit, magnitude bits high to low) in the stored word.
+#   word & M -> (k0, k2);  (word << 3) & M -> (k4, k6);  (word << 6) & M -> (k1, k3);
+#   ((word << 1) & 0x80008000) | ((word >> 3) & 0x01800180) | ((word >> 7) & 0x00400040) -> (k5, k7)
+# with M = 0x81C081C0; then * 2^126 and * the block scale, two mul.bf16x2 per pair.
+_BF16X2_BITS = ((15, (8, 7, 6)), (9, (2, 1, 0)), (31, (24, 23, 22)), (25, (18, 17, 16)),
+                (12, (5, 4, 3)), (14, (11, 10, 13)), (28, (21, 20, 19)), (30, (27, 26, 29)))
+
+
+def encode_bf16x2(data: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K/2] checkpoint bytes -> uint8 [..., K/2] in the "bf16x2" encoding (K/2 % 4 == 0)."""
+    b = data.reshape(*data.shape[:-1], -1, 4).to(torch.int32)
+    codes = torch.stack((b & 15, b >> 4), dim=-1).flatten(-2)  # [..., K/8, 8]: k0..k7
+    w = torch.zeros(codes.shape[:-1], dtype=torch.int32, device=data.device)
+    for k, (sign, mag) in enumerate(_BF16X2_BITS):
+        c = codes[..., k]
+        w |= ((c >> 3) & 1) << sign
+        for i, bit in enumerate(mag):
+            w |= ((c >> (2 - i)) & 1) << bit
+    out = torch.stack([(w >> (8 * i)) & 255 for i in range(4)], dim=-1)
+    return out.to(torch.uint8).reshape(data.shape)
+
+
+def decode_bf16x2(data: torch.Tensor) -> torch.Tensor:
+    """The inverse of encode_bf16x2."""
+    b = data.reshape(*data.shape[:-1], -1, 4).to(torch.int32)
+    w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    codes = []
+    for sign, mag in _BF16X2_BITS:
+        c = ((w >> sign) & 1) << 3
+        for i, bit in enumerate(mag):
+            c |= ((w >> bit) & 1) << (2 - i)
+        codes.append(c)
+    c = torch.stack(codes, dim=-1)  # [..., K/8, 8]
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8).reshape(data.shape)
 
 
 @dataclass(frozen=True)
@@ -48,8 +91,9 @@ class GemmOptions:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
-    swap_ab: bool = False   # weights on the MMA's M side (few token rows per expert)
+    swap_ab: bool = False   # weights on the MMA's M side (few token rows per expert); not with "bf16x2"
     split_k: int = 1        # moe_down only, with fused_combine (partial sums meet in the atomics)
+    prefetch: int = 0       # 0, 1, 2: K steps loaded ahead in registers (besides num_stages)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -63,6 +107,7 @@ class MXFP4Weight:
     n: int
     k: int
     block_k: int = 0              # 0: row layout; else the k-blocked layout's BK
+    encoding: str = "e2m1"        # "e2m1": checkpoint bytes; "bf16x2": re-packed for the asm upcast
     fp8_shift: torch.Tensor | None = None      # uint8, like scales: s_max(row) - s, for "fp8"
     fp8_row_scale: torch.Tensor | None = None  # float32 [E, N]: 2^(s_max - 133), for "fp8"
 
@@ -83,18 +128,25 @@ class MXFP4Weight:
         if self.block_k:
             d = d.permute(0, 2, 1, 3).flatten(2)[:, :, : self.k // 2]
             s = s.permute(0, 2, 1, 3).flatten(2)[:, :, : self.k // 32]
+        if self.encoding == "bf16x2":
+            d = decode_bf16x2(d)
         return d.reshape(d.shape[0], self.n, self.k // 32, 16), s
 
 
 def prepare_mxfp4_weight(blocks: torch.Tensor, scales: torch.Tensor, block_k: int = 0,
-                         fp8: bool = False) -> MXFP4Weight:
+                         fp8: bool = False, encoding: str = "e2m1") -> MXFP4Weight:
     """blocks [E, N, K/32, 16], scales [E, N, K/32] (checkpoint layout) -> MXFP4Weight.
 
-    block_k 0 keeps the row layout (a view, no copy); a power of two >= 32 re-lays the weight
-    k-blocked. fp8 adds the per-block shifts and per-row scales the "fp8" activations need."""
+    block_k 0 keeps the row layout (a view, no copy, unless re-encoded); a power of two >= 32
+    re-lays the weight k-blocked. fp8 adds the per-block shifts and per-row scales the "fp8"
+    activations need. encoding "bf16x2" re-packs the codes for the "bf16" kernels' asm upcast."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding={encoding!r}; choose one of {ENCODINGS}")
     E, N, KB, _ = blocks.shape
     K = KB * 32
     data = blocks.reshape(E, N, K // 2)
+    if encoding == "bf16x2":  # one expert at a time: the int32 temporaries are 16x the bytes
+        data = torch.stack([encode_bf16x2(data[e]) for e in range(E)]) if E else data.clone()
     sc = scales
     if block_k:
         if block_k < 32 or block_k & (block_k - 1):
@@ -104,7 +156,7 @@ def prepare_mxfp4_weight(blocks: torch.Tensor, scales: torch.Tensor, block_k: in
         data = data.reshape(E, N, kp // block_k, block_k // 2).permute(0, 2, 1, 3).contiguous()
         sc = torch.nn.functional.pad(sc, (0, (kp - K) // 32))
         sc = sc.reshape(E, N, kp // block_k, block_k // 32).permute(0, 2, 1, 3).contiguous()
-    w = MXFP4Weight(data, sc, N, K, block_k)
+    w = MXFP4Weight(data, sc, N, K, block_k, encoding)
     if fp8:
         s = scales.to(torch.int32)
         smax = s.amax(-1, keepdim=True)
@@ -178,8 +230,11 @@ def _quant_mxfp8(a, BM: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr)
 
 @triton.jit
 def _quant_fp8_rows(a, scale, INTERPRET: tl.constexpr):
-    """a [BM, BK] fp32, scale [BM] (amax/448) -> e4m3, as gptoss.quant.fp8.quantize_fp8 per token."""
-    y = tl.math.div_rn(a, scale[:, None])
+    """a [BM, BK] fp32, scale [BM] (amax/448) -> e4m3: a * (1/scale), one IEEE division per row (an
+    IEEE division per element costs more than the MMA); quantize_fp8 divides, which can differ in
+    the last bit of the quotient and so flip a code whose quotient sits on a rounding midpoint."""
+    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    y = a * inv[:, None]
     return _to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0), INTERPRET)
 
 
@@ -193,73 +248,212 @@ def _mxfp4_to_e4m3(wb, mult, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _bf16_of(o, HIGH: tl.constexpr):
+    """float32 value of the low (or high) bf16 half of uint32 words."""
+    if HIGH:
+        return (o & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return (o << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _upcast_bf16x2_tl(wb, sc, BN: tl.constexpr, BK: tl.constexpr):
+    """The asm upcast in plain Triton ops (the interpreter has no inline asm): same outputs."""
+    q = tl.reshape(wb.to(tl.uint32), (BN, BK // 8, 2, 2))  # [.., word, p, q]: byte 2p + q
+    b02, b13 = tl.split(q)
+    b0, b2 = tl.split(b02)
+    b1, b3 = tl.split(b13)
+    w = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+    m = 0x81C081C0
+    o0 = w & m
+    o1 = (w << 3) & m
+    o2 = (w << 6) & m
+    o3 = ((w << 1) & 0x80008000) | ((w >> 3) & 0x01800180) | ((w >> 7) & 0x00400040)
+    s = tl.max(tl.reshape(sc.to(tl.float32), (BN, BK // 8, 4)), axis=2)[:, :, None, None]
+    # join(join(a, b), join(c, d)) flattens to a, c, b, d
+    r0 = tl.join(tl.join(_bf16_of(o0, False), _bf16_of(o1, False)),
+                 tl.join(_bf16_of(o0, True), _bf16_of(o1, True)))
+    r1 = tl.join(tl.join(_bf16_of(o2, False), _bf16_of(o3, False)),
+                 tl.join(_bf16_of(o2, True), _bf16_of(o3, True)))
+    r0 = tl.reshape(r0 * 8.507059173023462e+37 * s, (BN, BK // 2)).to(tl.bfloat16)  # * 2^126, exact
+    r1 = tl.reshape(r1 * 8.507059173023462e+37 * s, (BN, BK // 2)).to(tl.bfloat16)
+    return r0, r1
+
+
+@triton.jit
+def _upcast_bf16x2(wb, sc, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):
+    """wb uint8 [BN, BK/2] ("bf16x2" encoding), sc bf16 [BN, BK/2] (each byte's block scale) -> bf16 [BN, BK].
+
+    Each 4 bytes (8 codes) give 4 bf16x2 words in ~13 integer ops and 8 mul.bf16x2 (2^126, scale);
+    r0 holds codes k0, k2, k4, k6 of each word, r1 k1, k3, k5, k7, so join(r0, r1) is in K order."""
+    if INTERPRET:
+        r0, r1 = _upcast_bf16x2_tl(wb, sc, BN, BK)
+    else:
+        r0, r1 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, t2, bias;
+            mov.b32 bias, 0x7e807e80;
+            and.b32 $0, $4, 0x81C081C0;
+            shl.b32 t0, $4, 3;
+            and.b32 $1, t0, 0x81C081C0;
+            shl.b32 t0, $4, 6;
+            and.b32 $2, t0, 0x81C081C0;
+            shl.b32 t0, $4, 1;
+            and.b32 t0, t0, 0x80008000;
+            shr.b32 t1, $4, 3;
+            and.b32 t1, t1, 0x01800180;
+            shr.b32 t2, $4, 7;
+            and.b32 t2, t2, 0x00400040;
+            or.b32 t0, t0, t1;
+            or.b32 $3, t0, t2;
+            mul.bf16x2 $0, $0, bias;
+            mul.bf16x2 $1, $1, bias;
+            mul.bf16x2 $2, $2, bias;
+            mul.bf16x2 $3, $3, bias;
+            mul.bf16x2 $0, $0, $5;
+            mul.bf16x2 $1, $1, $5;
+            mul.bf16x2 $2, $2, $5;
+            mul.bf16x2 $3, $3, $5;
+            }""",
+            constraints="=r,=r,=r,=r,r,r,r",
+            args=[wb, sc], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    return tl.reshape(tl.join(r0, r1), (BN, BK))
+
+
+@triton.jit
+def _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi,
+            stride_wn, stride_wkb, stride_sn, stride_skb,
+            BLOCK_K: tl.constexpr, ACT: tl.constexpr, W_ROWS: tl.constexpr, EVEN_K: tl.constexpr,
+            MASK_W: tl.constexpr):
+    """The tiles of one K step: a [BM, BK], w packed ([BN, BK/2] if W_ROWS else [BK/2, BN]), scales
+    [BN, BK/32] and (fp8) shifts; all masked off past k_hi (a prefetch beyond the loop's end)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kh = tl.arange(0, BLOCK_K // 2)
+    offs_ks = tl.arange(0, BLOCK_K // 32)
+    kb = k0 // BLOCK_K
+    # past k_hi (a prefetch beyond the loop's end) everything is masked off; vectors, not a scalar,
+    # so that every mask has its tile's shape
+    if EVEN_K:
+        k_ok = (k0 + offs_k * 0) < k_hi
+    else:
+        k_ok = ((k0 + offs_k) < K) & ((k0 + offs_k * 0) < k_hi)
+    a = tl.load(a_ptr + a_row_off[:, None] + (k0 + offs_k)[None, :], mask=m_mask[:, None] & k_ok[None, :],
+                other=0.0)
+    s_off = n[:, None] * stride_sn + kb * stride_skb + offs_ks[None, :]  # [BN, BK/32]
+    if MASK_W:  # row layout and K not a multiple of BLOCK_K (k-blocked weights are padded)
+        s_ok = ((k0 // 32 + offs_ks) < K // 32) & ((k0 + offs_ks * 0) < k_hi)
+        h_ok = ((k0 // 2 + offs_kh) < K // 2) & ((k0 + offs_kh * 0) < k_hi)
+    else:
+        s_ok = (k0 + offs_ks * 0) < k_hi
+        h_ok = (k0 + offs_kh * 0) < k_hi
+    s_mask = n_mask[:, None] & s_ok[None, :]
+    ws = tl.load(ws_ptr + s_off, mask=s_mask, other=0)
+    if ACT == 1:
+        sh = tl.load(wsh_ptr + s_off, mask=s_mask, other=255)
+    else:
+        sh = ws
+    if W_ROWS:
+        w_off = n[:, None] * stride_wn + kb * stride_wkb + offs_kh[None, :]  # [BN, BK/2]
+        w_mask = n_mask[:, None] & h_ok[None, :]
+    else:
+        w_off = n[None, :] * stride_wn + kb * stride_wkb + offs_kh[:, None]  # [BK/2, BN]
+        w_mask = n_mask[None, :] & h_ok[:, None]
+    w = tl.load(w_ptr + w_off, mask=w_mask, other=0)
+    return a, w, ws, sh
+
+
+@triton.jit
+def _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+           ACT: tl.constexpr, SWAP: tl.constexpr, DEQ_ASM: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc += one K step of A @ W^T (acc is [BN, BM] when SWAP)."""
+    if DEQ_ASM:  # "bf16x2"-encoded weights: our upcast in registers, then a bf16 tl.dot
+        ab = a.to(tl.bfloat16)
+        sc = (ws.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)  # 2^(s-127)
+        sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, BLOCK_K // 32, 16)), (BLOCK_N, BLOCK_K // 2))
+        wt = _upcast_bf16x2(w, sc, BLOCK_N, BLOCK_K, INTERPRET)
+        if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 of bf16 values is exact
+            if SWAP:
+                acc += tl.dot(wt.to(tl.float32), tl.trans(ab.to(tl.float32)))
+            else:
+                acc += tl.dot(ab.to(tl.float32), tl.trans(wt.to(tl.float32)))
+        else:
+            if SWAP:
+                acc = tl.dot(wt, tl.trans(ab), acc)
+            else:
+                acc = tl.dot(ab, tl.trans(wt), acc)
+    elif ACT == 0:
+        ab = a.to(tl.bfloat16)
+        if SWAP:
+            acc = tl.dot_scaled(w, ws, "e2m1", tl.trans(ab), None, "bf16", acc, fast_math=True)
+        else:
+            acc = tl.dot_scaled(ab, None, "bf16", w, ws, "e2m1", acc, fast_math=True)
+    elif ACT == 2:
+        q, qs = _quant_mxfp8(a.to(tl.float32), BLOCK_M, BLOCK_K, INTERPRET)
+        if SWAP:
+            acc = tl.dot_scaled(w, ws, "e2m1", tl.trans(q), qs, "e4m3", acc, fast_math=True)
+        else:
+            acc = tl.dot_scaled(q, qs, "e4m3", w, ws, "e2m1", acc, fast_math=True)
+    else:
+        q = _quant_fp8_rows(a.to(tl.float32), a_scale, INTERPRET)
+        # the shift rides in the scales' slot; 2^(20-d), or 0 for blocks past the e4m3 range
+        shi = sh.to(tl.int32)
+        mult = tl.where(shi <= 14, ((147 - tl.minimum(shi, 14)) << 23).to(tl.float32, bitcast=True), 0.0)
+        wq = _mxfp4_to_e4m3(w, mult, BLOCK_N, BLOCK_K)
+        if INTERPRET:  # the interpreter's fp8 tl.dot is wrong; fp32 of e4m3 values is exact
+            if SWAP:
+                acc += tl.dot(wq.to(tl.float32), tl.trans(q.to(tl.float32)))
+            else:
+                acc += tl.dot(q.to(tl.float32), tl.trans(wq.to(tl.float32)))
+        else:
+            if SWAP:
+                acc = tl.dot(wq, tl.trans(q), acc, max_num_imprecise_acc=BLOCK_K)
+            else:
+                acc = tl.dot(q, tl.trans(wq), acc, max_num_imprecise_acc=BLOCK_K)
+    return acc
+
+
+@triton.jit
 def _mainloop(a_ptr, a_row_off, m_mask, a_scale, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k_lo, k_hi,
               stride_wn, stride_wkb, stride_sn, stride_skb,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACT: tl.constexpr,
-              SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr, INTERPRET: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] fp32 = A[rows, k_lo:k_hi] @ W[n, k_lo:k_hi]^T (fp8: without the scales)."""
+              SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr, DEQ_ASM: tl.constexpr,
+              PREFETCH: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 = A[rows, k_lo:k_hi] @ W[n, k_lo:k_hi]^T (fp8: without the scales).
+
+    PREFETCH 1 / 2: the loads of the next one / two K steps are issued before this step's math, in
+    registers (decode: few programs per SM, each waiting on DRAM otherwise)."""
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kh = tl.arange(0, BLOCK_K // 2)
-    offs_ks = tl.arange(0, BLOCK_K // 32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        kb = k0 // BLOCK_K
-        if EVEN_K:
-            a = tl.load(a_ptr + a_row_off[:, None] + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptr + a_row_off[:, None] + (k0 + offs_k)[None, :],
-                        mask=m_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
-        s_off = n[:, None] * stride_sn + kb * stride_skb + offs_ks[None, :]  # [BN, BK/32]
-        if MASK_W:  # row layout and K not a multiple of BLOCK_K (k-blocked weights are padded)
-            s_mask = n_mask[:, None] & ((k0 // 32 + offs_ks) < K // 32)[None, :]
-        else:
-            s_mask = n_mask[:, None]
-        ws = tl.load(ws_ptr + s_off, mask=s_mask, other=0)
-        if ACT == 1 or SWAP:
-            w_off = n[:, None] * stride_wn + kb * stride_wkb + offs_kh[None, :]  # [BN, BK/2]
-            if MASK_W:
-                w = tl.load(w_ptr + w_off, mask=n_mask[:, None] & ((k0 // 2 + offs_kh) < K // 2)[None, :],
-                            other=0)
-            else:
-                w = tl.load(w_ptr + w_off, mask=n_mask[:, None], other=0)
-        else:
-            w_off = n[None, :] * stride_wn + kb * stride_wkb + offs_kh[:, None]  # [BK/2, BN]
-            if MASK_W:
-                w = tl.load(w_ptr + w_off, mask=n_mask[None, :] & ((k0 // 2 + offs_kh) < K // 2)[:, None],
-                            other=0)
-            else:
-                w = tl.load(w_ptr + w_off, mask=n_mask[None, :], other=0)
-        if ACT == 0:
-            ab = a.to(tl.bfloat16)
-            if SWAP:
-                acc = tl.dot_scaled(w, ws, "e2m1", tl.trans(ab), None, "bf16", acc, fast_math=True)
-            else:
-                acc = tl.dot_scaled(ab, None, "bf16", w, ws, "e2m1", acc, fast_math=True)
-        elif ACT == 2:
-            q, qs = _quant_mxfp8(a.to(tl.float32), BLOCK_M, BLOCK_K, INTERPRET)
-            if SWAP:
-                acc = tl.dot_scaled(w, ws, "e2m1", tl.trans(q), qs, "e4m3", acc, fast_math=True)
-            else:
-                acc = tl.dot_scaled(q, qs, "e4m3", w, ws, "e2m1", acc, fast_math=True)
-        else:
-            q = _quant_fp8_rows(a.to(tl.float32), a_scale, INTERPRET)
-            # the shift rides in the scales' slot; 2^(20-d), or 0 for blocks past the e4m3 range
-            sh = tl.load(wsh_ptr + s_off, mask=s_mask, other=255).to(tl.int32)
-            mult = tl.where(sh <= 14, ((147 - tl.minimum(sh, 14)) << 23).to(tl.float32, bitcast=True), 0.0)
-            wq = _mxfp4_to_e4m3(w, mult, BLOCK_N, BLOCK_K)
-            if INTERPRET:  # the interpreter's fp8 tl.dot is wrong; fp32 of e4m3 values is exact
-                if SWAP:
-                    acc += tl.dot(wq.to(tl.float32), tl.trans(q.to(tl.float32)))
-                else:
-                    acc += tl.dot(q.to(tl.float32), tl.trans(wq.to(tl.float32)))
-            else:
-                if SWAP:
-                    acc = tl.dot(wq, tl.trans(q), acc)
-                else:
-                    acc = tl.dot(q, tl.trans(wq), acc)
+    W_ROWS: tl.constexpr = ACT == 1 or SWAP or DEQ_ASM
+    if PREFETCH == 0:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            a, w, ws, sh = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi,
+                                   stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, W_ROWS,
+                                   EVEN_K, MASK_W)
+            acc = _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, DEQ_ASM, INTERPRET)
+    elif PREFETCH == 1:
+        a, w, ws, sh = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k_lo, k_hi,
+                               stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            a1, w1, ws1, sh1 = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K,
+                                       k0 + BLOCK_K, k_hi, stride_wn, stride_wkb, stride_sn, stride_skb,
+                                       BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W)
+            acc = _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, DEQ_ASM, INTERPRET)
+            a, w, ws, sh = a1, w1, ws1, sh1
+    else:
+        a, w, ws, sh = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k_lo, k_hi,
+                               stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W)
+        a1, w1, ws1, sh1 = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K,
+                                   k_lo + BLOCK_K, k_hi, stride_wn, stride_wkb, stride_sn, stride_skb,
+                                   BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            a2, w2, ws2, sh2 = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K,
+                                       k0 + 2 * BLOCK_K, k_hi, stride_wn, stride_wkb, stride_sn, stride_skb,
+                                       BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W)
+            acc = _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, DEQ_ASM, INTERPRET)
+            a, w, ws, sh = a1, w1, ws1, sh1
+            a1, w1, ws1, sh1 = a2, w2, ws2, sh2
     if SWAP:
         acc = tl.trans(acc)
     return acc
@@ -286,7 +480,7 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr,
                     alpha, limit,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+                    DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -306,7 +500,7 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr,
     acc = _mainloop(x_ptr, tok.to(tl.int64) * stride_xt, m_mask, a_scale,
                     w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
                     n, n_mask, K, 0, K, stride_wn, stride_wkb, stride_sn, stride_skb,
-                    BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, INTERPRET)
+                    BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, DEQ_ASM, PREFETCH, INTERPRET)
     if ACT == 1:
         acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
     acc += tl.load(b_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
@@ -332,7 +526,7 @@ def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
                  stride_we, stride_wn, stride_wkb, stride_se, stride_sn, stride_skb,
                  TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
-                 HAS_BIAS: tl.constexpr,
+                 DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, HAS_BIAS: tl.constexpr,
                  FUSED_COMBINE: tl.constexpr, NA_PAD: tl.constexpr, INTERPRET: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -355,7 +549,8 @@ def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
     acc = _mainloop(a_ptr, rows.to(tl.int64) * K, m_mask, a_scale,
                     w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
                     n, n_mask, K, k_lo, tl.minimum(k_lo + k_per_split, K), stride_wn, stride_wkb,
-                    stride_sn, stride_skb, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, INTERPRET)
+                    stride_sn, stride_skb, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, DEQ_ASM,
+                    PREFETCH, INTERPRET)
     if ACT == 1:
         acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
@@ -416,6 +611,14 @@ def _check_gemm(x: torch.Tensor, w: MXFP4Weight, opts: GemmOptions, act: str, wh
         raise ValueError(f"{who}: the weight is laid out for block_k={w.block_k}, the options ask for {bk}")
     if act == "fp8" and w.fp8_shift is None:
         raise ValueError(f"{who}: act='fp8' needs a weight prepared with fp8=True")
+    if w.encoding == "bf16x2" and act != "bf16":
+        raise ValueError(f"{who}: a 'bf16x2'-encoded weight serves act='bf16' only, got {act!r}")
+    if w.encoding == "bf16x2" and opts.swap_ab:
+        # measured wrong on H100 / Triton 3.6: with the weights as the MMA's A operand, Triton moves
+        # the dot-operand layout above the inline asm, whose 4-byte packs then mix unrelated bytes
+        raise ValueError(f"{who}: swap_ab is not supported with 'bf16x2'-encoded weights")
+    if opts.prefetch not in (0, 1, 2):
+        raise ValueError(f"{who}: prefetch={opts.prefetch} must be 0, 1 or 2")
 
 
 def row_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -457,7 +660,8 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         K, N, n_tiles_n, *strides, float(alpha), float(limit),
         TOP_K=routing.top_k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
         ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
-        MASK_W=not w.block_k and K % opts.block_k != 0,
+        MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.encoding == "bf16x2",
+        PREFETCH=opts.prefetch,
         INTERPRET=INTERPRETED, num_warps=opts.num_warps, num_stages=opts.num_stages)
     return a, a_amax
 
@@ -495,7 +699,8 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
             K, N, k_per_split, *strides,
             TOP_K=k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
             ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
-        MASK_W=not w.block_k and K % opts.block_k != 0,
+        MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.encoding == "bf16x2",
+        PREFETCH=opts.prefetch,
             HAS_BIAS=bias is not None, FUSED_COMBINE=fused_combine,
             NA_PAD=max(2, triton.next_power_of_2(n_amax)), INTERPRET=INTERPRETED,
             num_warps=opts.num_warps, num_stages=opts.num_stages)
@@ -528,13 +733,14 @@ def _grouped_rows(routing: Routing):
 
 
 def _quant_act_torch(x: torch.Tensor, act: str, amax: torch.Tensor | None) -> torch.Tensor:
-    """The activations as the kernels feed them to the MMA, in float32 (fp8: still divided by the scale)."""
+    """The activations as the kernels feed them to the MMA, in float32 (fp8: quantize_fp8's per-token
+    scale, the quotient taken as x * (1/scale) like the kernels)."""
     if act == "bf16":
         return x.to(torch.bfloat16).float()
     if act == "mxfp8":
         return dequantize_mxfp8(*quantize_mxfp8(x.float()), torch.float32)
     scale = (amax.float().unsqueeze(-1) / 448.0).clamp(min=torch.finfo(torch.float32).tiny)
-    q = (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    q = (x.float() * (1.0 / scale)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)  # as the kernels do
     return q.float() * scale
 
 

@@ -91,8 +91,9 @@ def _topk_softmax(logits_ptr, stride_t, T, E, t0,
         lg = tl.where(offs_e[None, :] == idx[:, None], float("-inf"), lg)
     # softmax over the k chosen logits; the first column holds the largest
     first = tl.max(vals, axis=1)
+    first = tl.where(first > float("-inf"), first, 0.0)  # padding rows: no -inf - -inf
     p = tl.where(kcol < TOP_K, tl.exp(vals - first[:, None]), 0.0)
-    w = p / tl.sum(p, axis=1)[:, None]
+    w = p / tl.maximum(tl.sum(p, axis=1), 1e-30)[:, None]
     return ids, w
 
 

@@ -33,23 +33,36 @@ class MoEKernelConfig:
     fused_combine: bool = False
 
 
-def default_config(num_tokens: int, spec: MoESpec, act: str, block_k: int = 128) -> MoEKernelConfig:
-    """Tiles by rows per local expert (num_tokens * top_k / experts); block_k is the weights' layout."""
+def default_config(num_tokens: int, spec: MoESpec, act: str, block_k: int = 0) -> MoEKernelConfig:
+    """Tiles by rows per local expert (num_tokens * top_k / experts), the fastest of the sweeps in
+    benchmarks/bench_moe.py on H100 (gpt-oss-20b layer). block_k: the weights' k-blocked layout
+    (0: the checkpoint's row layout, any block_k)."""
     rows = num_tokens * spec.top_k / spec.local_experts
-    if rows <= 16:  # decode: weights stream once, on many small programs with the weights as MMA rows
+    if rows <= 16:  # decode: the weights stream once, over many small programs
+        bk = block_k or 128
+        if act == "bf16":  # the asm upcast ("bf16x2" weights) cannot take swap_ab
+            return MoEKernelConfig(
+                block_m=16,
+                gate_up=GemmOptions(block_n=64, block_k=bk, num_warps=4, num_stages=3),
+                # split-K gives the down GEMM more programs; the partial sums meet in the atomics
+                down=GemmOptions(block_n=64, block_k=bk, num_warps=4, num_stages=3, split_k=4 if rows < 1 else 2),
+                fused_combine=True)
         return MoEKernelConfig(
             block_m=16,
-            gate_up=GemmOptions(block_n=64, block_k=block_k, num_warps=4, num_stages=4, swap_ab=True),
-            down=GemmOptions(block_n=64, block_k=block_k, num_warps=4, num_stages=4, swap_ab=True))
-    if rows <= 64:
+            gate_up=GemmOptions(block_n=128, block_k=bk, num_warps=4, num_stages=4, swap_ab=True),
+            down=GemmOptions(block_n=128, block_k=bk, num_warps=4, num_stages=4, swap_ab=True, split_k=2),
+            fused_combine=True)
+    bk = block_k or 64
+    if rows <= 96:
         return MoEKernelConfig(
             block_m=64,
-            gate_up=GemmOptions(block_n=64, block_k=block_k, num_warps=4, num_stages=4, swap_ab=True),
-            down=GemmOptions(block_n=64, block_k=block_k, num_warps=4, num_stages=4, swap_ab=True))
+            gate_up=GemmOptions(block_n=128, block_k=bk, num_warps=4, num_stages=4),
+            down=GemmOptions(block_n=128, block_k=bk, num_warps=8, num_stages=3),
+            fused_combine=True)
     return MoEKernelConfig(
         block_m=128,
-        gate_up=GemmOptions(block_n=128, block_k=block_k, num_warps=8, num_stages=3),
-        down=GemmOptions(block_n=128, block_k=block_k, num_warps=8, num_stages=3))
+        gate_up=GemmOptions(block_n=128, block_k=bk, num_warps=8, num_stages=3),
+        down=GemmOptions(block_n=128, block_k=bk, num_warps=4, num_stages=4))
 
 
 def _supported(device: torch.device, min_cc: tuple[int, int], what: str) -> tuple[bool, str]:
@@ -58,7 +71,8 @@ def _supported(device: torch.device, min_cc: tuple[int, int], what: str) -> tupl
             return False, "CUDA is not available"
         cc = torch.cuda.get_device_capability(device)
         if cc < min_cc:
-            return False, f"{what} needs compute capability >= {min_cc[0]}.{min_cc[1]}, this GPU has {cc[0]}.{cc[1]}"
+            return False, (f"{what} needs compute capability >= {min_cc[0]}.{min_cc[1]}, "
+                           f"this GPU has {cc[0]}.{cc[1]}")
         return True, ""
     if device.type == "cpu":
         if INTERPRETED:
@@ -72,6 +86,8 @@ class _TritonMoE(MoEBackend):
     act: ClassVar[str] = "bf16"
     min_cc: ClassVar[tuple[int, int]] = (8, 0)
     what: ClassVar[str] = ""
+    upcasts: ClassVar[tuple[str, ...]] = ("dot_scaled",)
+    default_upcast: ClassVar[str] = "dot_scaled"
 
     @classmethod
     def is_supported(cls, device, config):
@@ -79,15 +95,21 @@ class _TritonMoE(MoEBackend):
 
     def __init__(self, weights: MoEWeights, spec: MoESpec, dtype: torch.dtype, *,
                  config: MoEKernelConfig | Callable[[int], MoEKernelConfig] | None = None,
-                 layout_block_k: int = 0):
+                 layout_block_k: int = 0, upcast: str | None = None):
         """config: one MoEKernelConfig, or tokens -> config; None: default_config. layout_block_k:
-        0 keeps the checkpoint's row layout (no copy); a power of two re-lays the weights k-blocked
-        (each tile one contiguous run) and every config must then use that block_k."""
+        0 keeps the checkpoint's row layout; a power of two re-lays the weights k-blocked (each tile
+        one contiguous run) and every config must then use that block_k. upcast ("triton" only):
+        "asm" re-packs the codes once ("bf16x2" encoding) for our inline-asm upcast + tl.dot,
+        "dot_scaled" keeps the checkpoint codes for tl.dot_scaled."""
         super().__init__(weights, spec, dtype)
+        upcast = upcast or self.default_upcast
+        if upcast not in self.upcasts:
+            raise ValueError(f"{self.name}: upcast={upcast!r}; choose one of {self.upcasts}")
         fp8 = self.act == "fp8"
+        enc = "bf16x2" if upcast == "asm" else "e2m1"
         self.layout_block_k = layout_block_k
-        self.w1 = prepare_mxfp4_weight(weights.gate_up_blocks, weights.gate_up_scales, layout_block_k, fp8)
-        self.w2 = prepare_mxfp4_weight(weights.down_blocks, weights.down_scales, layout_block_k, fp8)
+        self.w1 = prepare_mxfp4_weight(weights.gate_up_blocks, weights.gate_up_scales, layout_block_k, fp8, enc)
+        self.w2 = prepare_mxfp4_weight(weights.down_blocks, weights.down_scales, layout_block_k, fp8, enc)
         self.b1 = weights.gate_up_bias.float().contiguous()
         self.b2 = weights.down_bias.float().contiguous() if spec.add_down_bias else None
         self._config = config
@@ -97,7 +119,7 @@ class _TritonMoE(MoEBackend):
             return self._config
         if self._config is not None:
             return self._config(num_tokens)
-        return default_config(num_tokens, self.spec, self.act, self.layout_block_k or 128)
+        return default_config(num_tokens, self.spec, self.act, self.layout_block_k)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         spec = self.spec
@@ -120,14 +142,18 @@ class _TritonMoE(MoEBackend):
 class TritonMoE(_TritonMoE):
     """bf16 activations x MXFP4 weights."""
     act = "bf16"
-    min_cc = (8, 0)
-    what = "the triton MoE backend (bf16 x MXFP4 via tl.dot_scaled)"
+    min_cc = (9, 0)  # mul.bf16x2 in the asm upcast
+    upcasts = ("asm", "dot_scaled")
+    default_upcast = "asm"
+    what = "the triton MoE backend (bf16 x MXFP4; its upcast uses mul.bf16x2)"
 
 
 @register_moe_backend("triton_fp8")
 class TritonFp8MoE(_TritonMoE):
     """e4m3 activations (dynamic per-token scales) x MXFP4 weights on fp8 tensor cores."""
     act = "fp8"
+    upcasts = ("fp8",)
+    default_upcast = "fp8"
     min_cc = (8, 9)
     what = "fp8 tensor cores (triton_fp8)"
 

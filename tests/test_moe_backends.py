@@ -1,0 +1,466 @@
+"""The Triton MoE backends ("triton", "triton_fp8", "triton_mxfp8") and their kernels.
+
+Every kernel against its plain-torch twin, every backend against "torch", on fresh random inputs
+(never zeros). On CPU the kernels run under Triton's interpreter on tiny shapes, in a child process
+started by test_interpreter_suite with TRITON_INTERPRET=1 (tests taking the `interp` fixture run
+only there). GPU tests (marked gpu) cover the gpt-oss shapes.
+
+Errors are normalised by max|ref|. bf16 backends: max 2e-2, RMS 4e-3.
+fp8 / mxfp8 (e4m3 activations, 3 mantissa bits), the bound derived: rounding to nearest leaves each
+activation a relative error of at most 2^-4 and of RMS u = 2^-3/sqrt(12) * 0.72 = 2.6% (an ulp is
+2^-3 of the leading power of two; 0.72 is the mean of 1/mantissa). A dot product sums these
+independent errors, so gate_up's output carries u of its own RMS; SwiGLU (slope <= ~1.1) passes it
+on and the down GEMM adds u again for its quantized input: RMS(out - ref) ~ sqrt(2) u = 3.7% of
+RMS(ref). The weights add nothing (e2m1 codes times a power of two are exact in e4m3 and bf16).
+We assert RMS(out - ref) <= 7.5% of RMS(ref) (2x the estimate) and max|out - ref| <= 0.1 max|ref|
+(the largest of n errors and the largest of n outputs both sit near z_n sigma, so their ratio is
+also ~3.7%; 0.1 leaves room for the scatter of 64-output tiny cases). Measured: RMS ratio 2.5-5.8%,
+max 2.7-7.4% on the tiny CPU cases. Against their own torch twins (the same quantization in torch)
+the fp8/mxfp8 kernels agree to float32 accumulation order: max 5e-3, RMS 5e-4 (fp8 on Hopper:
+2e-2 / 2e-3, its MMA accumulates each 128-deep K step at reduced precision).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from gptoss.kernels.moe_gemm import INTERPRETED
+from gptoss.moe import get_moe_backend, list_moe_backends
+from gptoss.moe.base import MoESpec, MoEWeights
+from gptoss.moe.registry import _REGISTRY
+
+BACKENDS = ("triton", "triton_fp8", "triton_mxfp8")
+ACT = {"triton": "bf16", "triton_fp8": "fp8", "triton_mxfp8": "mxfp8"}
+TOL_BF16 = (2e-2, 4e-3)  # max, RMS, normalised by max|ref|
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    d = (out.float() - ref.float())
+    m = ref.float().abs().max().clamp(min=1e-30)
+    return (d.abs().max() / m).item(), (d.pow(2).mean().sqrt() / m).item()
+
+
+def assert_backend_close(out: torch.Tensor, ref: torch.Tensor, act: str, what=()) -> None:
+    """The module docstring's bounds: bf16 2e-2 / 4e-3; fp8, mxfp8 max 0.1, RMS 7.5% of RMS(ref)."""
+    em, er = errors(out, ref)
+    if act == "bf16":
+        assert em < TOL_BF16[0] and er < TOL_BF16[1], (*what, em, er)
+    else:
+        ratio = ((out.float() - ref.float()).pow(2).mean().sqrt() / ref.float().pow(2).mean().sqrt()).item()
+        assert em < 0.1 and ratio < 0.075, (*what, em, ratio)
+
+
+def distinct_logits(T: int, E: int, gen: torch.Generator, device="cpu", dtype=torch.bfloat16) -> torch.Tensor:
+    """Router logits without ties within a row (torch.topk leaves the order of ties open)."""
+    ranks = torch.argsort(torch.rand(T, E, generator=gen, device=device), dim=1).float()
+    return ((ranks - E / 2) * (4.0 / E) + 0.5 * torch.randn(T, 1, generator=gen, device=device)).to(dtype)
+
+
+def random_weights(spec: MoESpec, gen: torch.Generator, device="cpu") -> MoEWeights:
+    """MXFP4 expert weights of RMS ~ 1/sqrt(fan_in): random codes, scale exponents 2^-8 .. 2^-6."""
+    E, I2, H = spec.local_experts, 2 * spec.intermediate_size, spec.hidden_size
+
+    def mx(n, k):
+        blocks = torch.randint(0, 256, (E, n, k // 32, 16), generator=gen, device=device, dtype=torch.uint8)
+        base = 127 - 2 - round(0.5 * torch.log2(torch.tensor(float(k))).item())
+        scales = torch.randint(base - 1, base + 2, (E, n, k // 32), generator=gen, device=device).to(torch.uint8)
+        return blocks, scales
+
+    b1, s1 = mx(I2, H)
+    b2, s2 = mx(H, I2 // 2)
+    return MoEWeights(b1, s1, (0.1 * torch.randn(E, I2, generator=gen, device=device)).bfloat16(),
+                      b2, s2, (0.1 * torch.randn(E, H, generator=gen, device=device)).bfloat16())
+
+
+def slice_weights(w: MoEWeights, experts: slice = slice(None), inter: slice | None = None) -> MoEWeights:
+    """A rank's share: an expert slice and (TP) a slice of the intermediate dimension."""
+    g = [t[experts] for t in (w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias,
+                              w.down_blocks, w.down_scales, w.down_bias)]
+    if inter is not None:
+        rows = slice(2 * inter.start, 2 * inter.stop)  # interleaved gate/up rows
+        g[0], g[1], g[2] = g[0][:, rows], g[1][:, rows], g[2][:, rows]
+        blk = slice(inter.start // 32, inter.stop // 32)
+        g[3], g[4] = g[3][:, :, blk], g[4][:, :, blk]
+    return MoEWeights(*(t.contiguous() for t in g))
+
+
+def torch_backend(weights: MoEWeights, spec: MoESpec):
+    return get_moe_backend("torch", "cpu", None)(weights, spec, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def interp():
+    if not INTERPRETED:
+        pytest.skip("runs in the TRITON_INTERPRET=1 child process of test_interpreter_suite")
+    from gptoss.kernels import moe_gemm, moe_routing
+    from gptoss.moe import triton_backends
+    return types.SimpleNamespace(routing=moe_routing, gemm=moe_gemm, backends=triton_backends)
+
+
+def test_interpreter_suite():
+    """Runs this file's interpreter tests in a child process with TRITON_INTERPRET=1 from the start:
+    Triton decides interpreted or compiled when `triton` and each kernel module are imported, and
+    one process cannot hold both (the interpreter needs triton.language's own jit functions
+    interpreted too), so the child keeps the interpreter away from every other test."""
+    if INTERPRETED:
+        pytest.skip("this is the child")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    tail = r.stdout[-6000:] + r.stderr[-3000:]
+    assert r.returncode == 0, tail
+    assert " passed" in r.stdout and " failed" not in r.stdout, tail
+
+
+def check_routing(r, q, n_local=None):
+    n = int(q.expert_offsets[-1]) if n_local is None else n_local
+    assert torch.equal(r.topk_ids.cpu(), q.topk_ids.cpu())
+    torch.testing.assert_close(r.topk_weights.cpu(), q.topk_weights.cpu(), atol=1e-6, rtol=1e-5)
+    assert torch.equal(r.expert_offsets.cpu(), q.expert_offsets.cpu())
+    assert torch.equal(r.sorted_assign[:n].cpu(), q.sorted_assign[:n].cpu())
+    assert torch.equal(r.assign_pos.cpu(), q.assign_pos.cpu())
+    assert torch.equal(r.tile_expert.cpu(), q.tile_expert.cpu())
+    assert torch.equal(r.tile_row.cpu(), q.tile_row.cpu())
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registered_and_not_supported_on_cpu_without_interpreter():
+    names = list_moe_backends()
+    for name in BACKENDS:
+        assert name in names
+    if INTERPRETED:
+        pytest.skip("this process imported the kernels under TRITON_INTERPRET=1")
+    for name in BACKENDS:
+        ok, why = _REGISTRY[name].is_supported(torch.device("cpu"), None)
+        assert not ok and "TRITON_INTERPRET" in why
+        with pytest.raises(ValueError, match="cannot run here"):
+            get_moe_backend(name, "cpu", None)
+    assert get_moe_backend("auto", "cpu", None).name == "torch"
+
+
+def test_compute_capability_limits(monkeypatch):
+    from gptoss.moe import triton_backends as tb
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    ok, why = tb.TritonFp8MoE.is_supported(torch.device("cuda"), None)
+    assert not ok and "8.9" in why and "8.0" in why
+    ok, why = tb.TritonMoE.is_supported(torch.device("cuda"), None)
+    assert not ok and "9.0" in why
+    assert tb.TritonMxfp8MoE.is_supported(torch.device("cuda"), None) == (True, "")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    for cls in (tb.TritonMoE, tb.TritonFp8MoE, tb.TritonMxfp8MoE):
+        assert cls.is_supported(torch.device("cuda"), None) == (True, "")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    ok, why = tb.TritonMxfp8MoE.is_supported(torch.device("cuda"), None)
+    assert not ok and "7.5" in why
+
+
+def test_bf16x2_encoding_roundtrip():
+    from gptoss.kernels.moe_gemm import _BF16X2_BITS, decode_bf16x2, encode_bf16x2
+    assert sorted(b for sign, mag in _BF16X2_BITS for b in (sign, *mag)) == list(range(32))
+    g = torch.Generator().manual_seed(0)
+    d = torch.randint(0, 256, (3, 5, 64), generator=g, dtype=torch.uint8)
+    assert torch.equal(decode_bf16x2(encode_bf16x2(d)), d)
+    assert not encode_bf16x2(torch.zeros(4, 8, dtype=torch.uint8)).any()  # zero padding stays zero
+
+
+def test_interpreted_backends_supported_on_cpu(interp):
+    for name in BACKENDS:
+        assert get_moe_backend(name, "cpu", None).is_supported(torch.device("cpu"), None) == (True, "")
+
+
+# ----------------------------------------------------------------------------- kernels vs twins (interpreter)
+
+
+@pytest.mark.parametrize("T,E,k,start,n_local,block_m,block_t", [
+    (1, 8, 4, 0, 8, 16, 0),       # decode: one fused program
+    (6, 8, 4, 2, 4, 16, 0),       # an expert slice (EP rank)
+    (37, 8, 4, 0, 8, 32, 8),      # several token blocks: top-k, offsets, scatter kernels
+    (20, 6, 3, 1, 4, 16, 4),      # top_k not a power of two
+])
+def test_routing_matches_twin(interp, T, E, k, start, n_local, block_m, block_t):
+    R = interp.routing
+    g = torch.Generator().manual_seed(T * 100 + E)
+    lg = distinct_logits(T, E, g)
+    o = R.RoutingOptions(block_m=block_m, block_t=block_t)
+    check_routing(R.moe_routing(lg, k, start, n_local, o), R.moe_routing_torch(lg, k, start, n_local, o))
+
+
+def test_routing_every_token_on_one_expert(interp):
+    R = interp.routing
+    g = torch.Generator().manual_seed(1)
+    lg = distinct_logits(19, 8, g)
+    lg[:, 5] = 10.0  # expert 5 first for every token
+    o = R.RoutingOptions(block_m=16, block_t=8)
+    r = R.moe_routing(lg, 2, 0, 8, o)
+    check_routing(r, R.moe_routing_torch(lg, 2, 0, 8, o))
+    assert (r.topk_ids[:, 0] == 5).all()
+    counts = r.expert_offsets.diff()
+    assert counts[5] == 19 and int(counts.sum()) == 38
+
+
+@pytest.mark.parametrize("act,swap,layout_bk,fused,enc,prefetch", [
+    ("bf16", False, 0, False, "e2m1", 0), ("bf16", False, 64, True, "bf16x2", 2),
+    ("bf16", False, 0, False, "bf16x2", 1), ("fp8", False, 64, False, "e2m1", 1),
+    ("fp8", True, 0, True, "e2m1", 0), ("mxfp8", False, 0, True, "e2m1", 2),
+    ("mxfp8", True, 64, False, "e2m1", 0),
+])
+def test_gemms_match_twins(interp, act, swap, layout_bk, fused, enc, prefetch):
+    G, R = interp.gemm, interp.routing
+    g = torch.Generator().manual_seed(7)
+    T, E, k, H, I = 5, 4, 2, 64, 96  # K = 96 is not a multiple of block_k 64: the masked tail
+    spec = MoESpec(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I)
+    w = random_weights(spec, g)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    r = R.moe_routing(distinct_logits(T, E, g), k, 0, E, R.RoutingOptions(block_m=16))
+    bk = 64  # the down GEMM's K = 96: a masked tail (row layout) or a padded block (k-blocked)
+    w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, layout_bk, act == "fp8", enc)
+    w2 = G.prepare_mxfp4_weight(w.down_blocks, w.down_scales, layout_bk, act == "fp8", enc)
+    b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
+    o1 = G.GemmOptions(block_n=64, block_k=bk, swap_ab=swap, prefetch=prefetch)
+    o2 = G.GemmOptions(block_n=64, block_k=bk, swap_ab=swap, split_k=2 if fused else 1, prefetch=prefetch)
+    x_amax = G.row_absmax(x) if act == "fp8" else None
+    if x_amax is not None:
+        torch.testing.assert_close(x_amax, G.row_absmax_torch(x), rtol=0, atol=0)
+    a, a_amax = G.moe_gate_up(x, r, w1, b1, act, 1.702, 7.0, o1, x_amax)
+    a_t, a_amax_t = G.moe_gate_up_torch(x, r, w1, b1, act, 1.702, 7.0, o1, x_amax)
+    n = T * k
+    em, er = errors(a[:n], a_t[:n])
+    assert em < 4e-3 and er < 5e-4, (em, er)  # a few bf16 roundings may differ by one ulp
+    if act == "fp8":
+        torch.testing.assert_close(a_amax.amax(1), a_amax_t.amax(1))
+    y = G.moe_down(a, a_amax, r, w2, b2, act, o2, 0, E, fused, torch.bfloat16)
+    y_t = G.moe_down_torch(a, a_amax, r, w2, b2, act, o2, 0, E, fused, torch.bfloat16)
+    em, er = errors(y, y_t)
+    assert em < 4e-3 and er < 5e-4, (em, er)
+
+
+def test_combine_matches_twin(interp):
+    G, R = interp.gemm, interp.routing
+    g = torch.Generator().manual_seed(3)
+    T, E, k = 5, 8, 4
+    r = R.moe_routing(distinct_logits(T, E, g), k, 2, 4, R.RoutingOptions())  # half the experts local
+    y = torch.randn(T * k, 48, generator=g).bfloat16()
+    torch.testing.assert_close(G.moe_combine(y, r, 2, 4, torch.bfloat16),
+                               G.moe_combine_torch(y, r, 2, 4, torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------- backends vs "torch" (interpreter)
+
+
+def _backend_case(cls, spec, T, seed, one_expert=False, **kw):
+    g = torch.Generator().manual_seed(seed)
+    w = random_weights(spec, g)
+    x = torch.randn(T, spec.hidden_size, generator=g).bfloat16()
+    lg = distinct_logits(T, spec.num_experts, g)
+    if one_expert:
+        lg[:, 1] = 10.0
+    out = cls(w, spec, torch.bfloat16, **kw).forward(x, lg)
+    ref = torch_backend(w, spec).forward(x, lg)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    return out, ref
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("T,one_expert", [(1, False), (13, False), (20, True)])
+def test_backend_matches_torch_interpreted(interp, name, T, one_expert):
+    B, G = interp.backends, interp.gemm
+    cls = {"triton": B.TritonMoE, "triton_fp8": B.TritonFp8MoE, "triton_mxfp8": B.TritonMxfp8MoE}[name]
+    spec = MoESpec(num_experts=8, top_k=4, hidden_size=64, intermediate_size=64)
+    kw = {}
+    if one_expert:  # every token's first expert the same; prefill-style tiles, atomics combine
+        kw["config"] = B.MoEKernelConfig(block_m=32, gate_up=G.GemmOptions(block_n=64, block_k=64),
+                                         down=G.GemmOptions(block_n=64, block_k=64), fused_combine=True)
+    out, ref = _backend_case(cls, spec, T, seed=T, one_expert=one_expert, **kw)
+    assert_backend_close(out, ref, ACT[name], (name, T))
+
+
+def test_expert_and_tensor_parallel_slices_interpreted(interp):
+    """EP: two ranks with half the experts each; TP: two ranks with half the intermediate dimension,
+    only the first adding the down bias. Each rank matches "torch" on the same spec, and the ranks
+    sum to the unsliced layer."""
+    cls = interp.backends.TritonMoE
+    g = torch.Generator().manual_seed(11)
+    full = MoESpec(num_experts=8, top_k=2, hidden_size=64, intermediate_size=64)
+    w = random_weights(full, g)
+    x = torch.randn(4, 64, generator=g).bfloat16()
+    lg = distinct_logits(4, 8, g)
+    ref = torch_backend(w, full).forward(x, lg).float()
+    cfg = interp.backends.MoEKernelConfig(
+        gate_up=interp.gemm.GemmOptions(block_n=64, block_k=32, prefetch=1),
+        down=interp.gemm.GemmOptions(block_n=64, block_k=32, prefetch=1))
+    parts = []
+    for rank in range(2):
+        spec = MoESpec(8, 2, 64, 64, expert_start=4 * rank, num_local_experts=4)
+        wr = slice_weights(w, experts=slice(4 * rank, 4 * rank + 4))
+        out = cls(wr, spec, torch.bfloat16, config=cfg).forward(x, lg)
+        em, er = errors(out, torch_backend(wr, spec).forward(x, lg))
+        assert em < 2e-2 and er < 4e-3
+        parts.append(out.float())
+    em, er = errors(parts[0] + parts[1], ref)
+    assert em < 2e-2 and er < 4e-3
+    parts = []
+    for rank in range(2):
+        spec = MoESpec(8, 2, 64, 32, add_down_bias=rank == 0)
+        wr = slice_weights(w, inter=slice(32 * rank, 32 * rank + 32))
+        out = cls(wr, spec, torch.bfloat16, config=cfg).forward(x, lg)
+        em, er = errors(out, torch_backend(wr, spec).forward(x, lg))
+        assert em < 2e-2 and er < 4e-3
+        parts.append(out.float())
+    em, er = errors(parts[0] + parts[1], ref)
+    assert em < 2e-2 and er < 4e-3
+
+
+# ----------------------------------------------------------------------------- GPU: the gpt-oss shapes
+
+
+@pytest.fixture(scope="module")
+def cuda_weights():
+    cache = {}
+
+    def get(E, H, I):
+        if (E, H, I) not in cache:
+            cache.clear()  # one set at a time: 128 experts of 2880 are 1.7 GB
+            g = torch.Generator(device="cuda").manual_seed(E + H)
+            cache[(E, H, I)] = random_weights(MoESpec(E, 4, H, I), g, "cuda")
+        return cache[(E, H, I)]
+    return get
+
+
+GPU_CASES = [(E, T) for E in (32,) for T in (1, 8, 64, 512, 4096)] + [(128, T) for T in (1, 64, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("E,T", GPU_CASES)
+def test_backend_matches_torch_gpu(cuda_weights, name, E, T):
+    H = I = 2880
+    spec = MoESpec(E, 4, H, I)
+    w = cuda_weights(E, H, I)
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, H, generator=g, device="cuda").bfloat16()
+    lg = distinct_logits(T, E, g, "cuda")
+    cls = get_moe_backend(name, "cuda", None)
+    out = cls(w, spec, torch.bfloat16).forward(x, lg)
+    ref = get_moe_backend("torch", "cuda", None)(w, spec, torch.bfloat16).forward(x, lg)
+    assert_backend_close(out, ref, ACT[name], (name, E, T))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("case", ["small", "one_expert", "ep_tp"])
+def test_backend_edge_cases_gpu(name, case):
+    cls = get_moe_backend(name, "cuda", None)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    if case == "ep_tp":  # the 120b layer on rank 1 of 4 (EP) and TP=2 rank 1 (no down bias)
+        specs = [MoESpec(128, 4, 2880, 2880, expert_start=32, num_local_experts=32),
+                 MoESpec(32, 4, 2880, 1440, add_down_bias=False)]
+    else:
+        specs = [MoESpec(8, 4, 64, 64) if case == "small" else MoESpec(32, 4, 2880, 2880)]
+    for spec in specs:
+        w = random_weights(spec, g, "cuda")
+        for T in (1, 3, 100, 700):
+            x = torch.randn(T, spec.hidden_size, generator=g, device="cuda").bfloat16()
+            lg = distinct_logits(T, spec.num_experts, g, "cuda")
+            if case == "one_expert":
+                lg[:, 7] = 10.0
+            out = cls(w, spec, torch.bfloat16).forward(x, lg)
+            ref = get_moe_backend("torch", "cuda", None)(w, spec, torch.bfloat16).forward(x, lg)
+            assert_backend_close(out, ref, ACT[name], (name, case, spec, T))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act,enc", [("bf16", "bf16x2"), ("bf16", "e2m1"), ("fp8", "e2m1"), ("mxfp8", "e2m1")])
+def test_gemms_match_twins_gpu(act, enc):
+    from gptoss.kernels import moe_gemm as G
+    from gptoss.kernels import moe_routing as R
+    g = torch.Generator(device="cuda").manual_seed(9)
+    T, E, k, H, I = 700, 32, 4, 2880, 2880
+    spec = MoESpec(E, k, H, I)
+    w = random_weights(spec, g, "cuda")
+    x = torch.randn(T, H, generator=g, device="cuda").bfloat16()
+    lg = distinct_logits(T, E, g, "cuda")
+    o = R.RoutingOptions(block_m=64)
+    r = R.moe_routing(lg, k, 0, E, o)
+    check_routing(r, R.moe_routing_torch(lg, k, 0, E, o))
+    w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, act == "fp8", enc)
+    w2 = G.prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, act == "fp8", enc)
+    b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
+    for swap, prefetch in ((False, 0), (True, 0), (False, 2)):
+        if swap and enc == "bf16x2":
+            with pytest.raises(ValueError, match="swap_ab"):
+                G.moe_gate_up(x, r, w1, b1, act, 1.702, 7.0, G.GemmOptions(swap_ab=True))
+            continue
+        opts = G.GemmOptions(block_n=64, block_k=128, swap_ab=swap, prefetch=prefetch)
+        x_amax = G.row_absmax(x) if act == "fp8" else None
+        a, a_amax = G.moe_gate_up(x, r, w1, b1, act, 1.702, 7.0, opts, x_amax)
+        a_t, a_amax_t = G.moe_gate_up_torch(x, r, w1, b1, act, 1.702, 7.0, opts, x_amax)
+        em, er = errors(a[: T * k], a_t[: T * k])
+        # fp8: Hopper's fp8 MMA sums each K step's products at reduced precision (Triton promotes
+        # to float32 once per 128-deep step), so outputs land a little off the float32 twin
+        # (seen on H100: max 1.0e-2 of max|a|, RMS 5.7e-4)
+        tm, tr = (2e-2, 2e-3) if act == "fp8" else (5e-3, 5e-4)
+        assert em < tm and er < tr, (act, swap, prefetch, em, er)
+        y = G.moe_down(a, a_amax, r, w2, b2, act, opts, 0, E, False, torch.bfloat16)
+        y_t = G.moe_down_torch(a, a_amax, r, w2, b2, act, opts, 0, E, False, torch.bfloat16)
+        em, er = errors(y, y_t)
+        assert em < tm and er < tr, (act, swap, prefetch, em, er)
+
+
+@pytest.mark.gpu
+def test_routing_large_gpu():
+    from gptoss.kernels import moe_routing as R
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for T, E, start, n_local in ((4096, 128, 0, 128), (3000, 128, 64, 32), (8192, 32, 0, 32)):
+        lg = distinct_logits(T, E, g, "cuda")
+        o = R.RoutingOptions(block_m=128)
+        check_routing(R.moe_routing(lg, 4, start, n_local, o), R.moe_routing_torch(lg, 4, start, n_local, o))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_gpu(cuda_weights):
+    """No host sync in forward: it captures into a CUDA graph and replays with new inputs."""
+    spec = MoESpec(32, 4, 2880, 2880)
+    w = cuda_weights(32, 2880, 2880)
+    m = get_moe_backend("triton", "cuda", None)(w, spec, torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(8, 2880, generator=g, device="cuda").bfloat16()
+    lg = distinct_logits(8, 32, g, "cuda")
+    m.forward(x, lg)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = m.forward(x, lg)
+    x.copy_(torch.randn(8, 2880, generator=g, device="cuda").bfloat16())
+    lg.copy_(distinct_logits(8, 32, g, "cuda"))
+    graph.replay()
+    ref = get_moe_backend("torch", "cuda", None)(w, spec, torch.bfloat16).forward(x, lg)
+    em, er = errors(out, ref)
+    assert em < 2e-2 and er < 4e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 700])
+def test_triton_dot_scaled_upcast_gpu(cuda_weights, T):
+    """"triton" with upcast="dot_scaled" (checkpoint codes through tl.dot_scaled), the other path."""
+    spec = MoESpec(32, 4, 2880, 2880)
+    w = cuda_weights(32, 2880, 2880)
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, 2880, generator=g, device="cuda").bfloat16()
+    lg = distinct_logits(T, 32, g, "cuda")
+    out = get_moe_backend("triton", "cuda", None)(w, spec, torch.bfloat16, upcast="dot_scaled").forward(x, lg)
+    ref = get_moe_backend("torch", "cuda", None)(w, spec, torch.bfloat16).forward(x, lg)
+    assert_backend_close(out, ref, "bf16", ("dot_scaled", T))
