@@ -38,13 +38,14 @@ def _sync():
 def measure_decode(llm, rng, output_len: int, runs: int, prompt_len: int = 64) -> tuple[float, float]:
     """Batch-1 decode: (median tokens/s after the first token, median ms per token)."""
     rates = []
-    for _ in range(runs):
+    for i in range(runs + 1):  # the first run warms up (kernel compilation) and is not counted
         sp = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         stamps = []
         for _out in llm.generate_stream(_prompts(rng, 1, prompt_len)[0], sp):
             _sync()
             stamps.append(time.perf_counter())
-        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        if i:
+            rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     r = statistics.median(rates)
     return r, 1000 / r
 
@@ -52,7 +53,7 @@ def measure_decode(llm, rng, output_len: int, runs: int, prompt_len: int = 64) -
 def measure_ttft(llm, rng, prompt_len: int, runs: int) -> float:
     """Median ms from submitting a prompt to its first token (batch 1, cold prefix cache)."""
     times = []
-    for _ in range(runs):
+    for _ in range(runs + 1):  # the first run warms up (kernel compilation) and is not counted
         sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
         p = _prompts(rng, 1, prompt_len)[0]
         _sync()
@@ -60,12 +61,19 @@ def measure_ttft(llm, rng, prompt_len: int, runs: int) -> float:
         llm.generate(p, sp, use_tqdm=False)
         _sync()
         times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    return statistics.median(times[1:])
 
 
-def measure_throughput(llm, rng, concurrency: int, input_len: int, output_len: int, runs: int) -> float:
-    """Median output tokens/s with `concurrency` requests in flight from start to end."""
+def measure_throughput(llm, rng, concurrency: int, input_len: int, output_len: int, runs: int
+                       ) -> tuple[float, float]:
+    """(median output tokens/s with `concurrency` requests in flight, % of step time spent in the
+    scheduler and the per-token bookkeeping, i.e. on the host outside the model and sampler)."""
     rates = []
+    # a short warm-up at this concurrency compiles the kernels for its shapes
+    llm.generate(_prompts(rng, concurrency, input_len), SamplingParams(max_tokens=4, ignore_eos=True),
+                 use_tqdm=False)
+    st = llm.engine.step_times
+    before = dict(st)
     for _ in range(runs):
         sp = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         prompts = _prompts(rng, concurrency, input_len)
@@ -75,7 +83,9 @@ def measure_throughput(llm, rng, concurrency: int, input_len: int, output_len: i
         _sync()
         dt = time.perf_counter() - t0
         rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
-    return statistics.median(rates)
+    host = st["schedule"] - before["schedule"] + st["update"] - before["update"]
+    total = host + st["execute"] - before["execute"]
+    return statistics.median(rates), 100 * host / max(total, 1e-9)
 
 
 def copy_bandwidth_tbs() -> float | None:
@@ -108,6 +118,13 @@ def decode_bytes_per_token(llm) -> int:
     return int(mc.num_hidden_layers * (attn + k * expert) + mc.vocab_size * H * el)
 
 
+def _say(r: BenchResult) -> BenchResult:
+    # progress on stderr, so a long run shows where it is; the table comes at the end
+    import sys
+    print(f"  {r.name}: {r.value:.1f} {r.unit} {r.detail}", file=sys.stderr, flush=True)
+    return r
+
+
 def run_bench(llm, *, output_len: int, ttft_prompt_len: int, concurrencies: list[int], input_len: int,
               throughput_output_len: int, runs: int, seed: int = 0, modes=("latency", "throughput")) -> list[BenchResult]:
     rng = random.Random(seed)
@@ -121,14 +138,15 @@ def run_bench(llm, *, output_len: int, ttft_prompt_len: int, concurrencies: list
         if bw:
             floor_ms = decode_bytes_per_token(llm) / (bw * 1e12) * 1000
             detail += f", floor {floor_ms:.2f} ms ({100 * floor_ms / ms:.0f}% of roofline, copy {bw:.2f} TB/s)"
-        res.append(BenchResult("decode batch 1", rate, "tok/s", detail))
-        res.append(BenchResult(f"TTFT {ttft_prompt_len}-token prompt", measure_ttft(llm, rng, ttft_prompt_len, runs),
-                               "ms", "batch 1, cold cache"))
+        res.append(_say(BenchResult("decode batch 1", rate, "tok/s", detail)))
+        res.append(_say(BenchResult(f"TTFT {ttft_prompt_len}-token prompt",
+                                    measure_ttft(llm, rng, ttft_prompt_len, runs), "ms", "batch 1, cold cache")))
     if "throughput" in modes:
         for c in concurrencies:
-            tps = measure_throughput(llm, rng, c, input_len, throughput_output_len, runs)
-            res.append(BenchResult(f"throughput c={c}", tps, "out tok/s",
-                                   f"{input_len} in / {throughput_output_len} out"))
+            tps, host = measure_throughput(llm, rng, c, input_len, throughput_output_len, runs)
+            res.append(_say(BenchResult(f"throughput c={c}", tps, "out tok/s",
+                                        f"{input_len} in / {throughput_output_len} out, scheduler + "
+                                        f"bookkeeping {host:.1f}% of step time")))
     return res
 
 

@@ -78,10 +78,11 @@ def main():
     runs = {"hf bf16": hf_logits(ckpt, prompts)}
     if a.fp32:  # HF in fp32 needs ~85 GB: the H200
         runs["hf fp32"] = hf_logits(ckpt, prompts, torch.float32)
-        runs["ours fp32"] = our_logits(ckpt, "torch", prompts, "float32")
+    # ours in fp32 (torch twins, no tf32): the same code that matches HF to 1e-6 in fp32 on CPU
+    runs["ours fp32"] = our_logits(ckpt, "torch", prompts, "float32")
     for backend in a.moe_backend:
         runs[f"ours bf16 {backend}"] = our_logits(ckpt, backend, prompts)
-    refs = ["hf bf16"] + (["hf fp32"] if a.fp32 else [])
+    refs = ["hf bf16", "ours fp32"] + (["hf fp32"] if a.fp32 else [])
     print(f"\n{'run':22s} {'vs':8s} {'prompt':>6s} {'norm max err':>12s} {'norm rms err':>12s} {'same greedy':>11s}")
     for ref_name in refs:
         ref, ref_tok = runs[ref_name]

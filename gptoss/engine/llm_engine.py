@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -87,6 +88,7 @@ class LLMEngine:
                 self.workers.shutdown()
             raise
         self.num_computed_tokens_total = 0  # tokens run through the model, over the engine's life
+        self.step_times = {"schedule": 0.0, "execute": 0.0, "update": 0.0, "steps": 0}
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, self.max_num_batched_tokens)
         self._ids = itertools.count()
         self.driven_by_async = False  # set while an AsyncLLM steps this engine in its thread
@@ -117,19 +119,20 @@ class LLMEngine:
                                 mc.head_dim, self.dtype, self.kv_fp8, self.device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
         ModelRunner(self.model, kv, self.block_size, self.device).profile_run(
             self.max_num_batched_tokens, self.config.max_num_seqs)
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated() - baseline  # the largest step's activations
         del kv
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        used_by_others = total - free - torch.cuda.memory_reserved()
-        budget = int(total * self.config.gpu_memory_utilization) - peak - max(used_by_others, 0)
+        # in use now: our weights, anything else of this process (another LLM) and other processes
+        budget = int(total * self.config.gpu_memory_utilization) - (total - free) - peak
         if budget <= 0:
             raise ValueError(f"gpu_memory_utilization={self.config.gpu_memory_utilization} leaves no room for "
-                             f"the KV cache (weights + activations peak at {peak / 2**30:.1f} GiB of "
-                             f"{total / 2**30:.1f} GiB)")
+                             f"the KV cache ({(total - free) / 2**30:.1f} GiB in use and {peak / 2**30:.1f} GiB "
+                             f"of activations, of {total / 2**30:.1f} GiB)")
         return budget
 
     # --- requests --------------------------------------------------------------------------------
@@ -192,12 +195,15 @@ class LLMEngine:
 
     def step(self) -> list[Request]:
         """Run one batch; returns the requests that produced a token (finished ones included)."""
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.requests:
             if self.scheduler.running or self.scheduler.waiting:
                 raise RuntimeError("the scheduler could not schedule any request (KV cache too small?)")
             return []
+        t1 = time.perf_counter()
         samplers, sampled = self.runner.execute(out)
+        t2 = time.perf_counter()
         for req in out.requests:
             req.num_computed_tokens += out.num_scheduled_tokens[req.request_id]
             self.pool.cache_full_blocks(req)
@@ -205,6 +211,13 @@ class LLMEngine:
             self.num_computed_tokens_total += out.num_scheduled_tokens[req.request_id]
         for i, req in enumerate(samplers):
             self._append_token(req, sampled.token_ids[i], sampled.logprobs[i])
+        # host time around the model: scheduling before it, bookkeeping and stop checks after it
+        t3 = time.perf_counter()
+        st = self.step_times
+        st["schedule"] += t1 - t0
+        st["execute"] += t2 - t1
+        st["update"] += t3 - t2
+        st["steps"] += 1
         return samplers
 
     # --- stop checks -----------------------------------------------------------------------------

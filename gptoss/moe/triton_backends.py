@@ -83,6 +83,9 @@ def _supported(device: torch.device, min_cc: tuple[int, int], what: str) -> tupl
 
 
 class _TritonMoE(MoEBackend):
+    # routing and both GEMMs launch with host-known grids and never sync (tests/test_moe_backends.py
+    # captures and replays a forward), so decode steps can run as CUDA graphs
+    graph_safe = True
     act: ClassVar[str] = "bf16"
     min_cc: ClassVar[tuple[int, int]] = (8, 0)
     what: ClassVar[str] = ""
