@@ -87,15 +87,16 @@ def test_prefix_cache_skips_shared_prompt(tiny_ckpt):
 
 
 def test_pressure_preempts_and_everything_finishes(tiny_ckpt):
-    # about 24 blocks x 16 tokens for 40 requests of 15-70 tokens each: far less than in flight
+    # 200 requests whose tokens in flight are about ten times what the cache holds
     per_token = 2 * 4 * 2 * 16 * 4
     llm = LLM(str(tiny_ckpt), dtype="float32", device="cpu", max_model_len=512, progress=False,
-              kv_cache_memory_bytes=24 * 16 * per_token, max_num_seqs=32, enable_prefix_caching=False)
+              kv_cache_memory_bytes=24 * 16 * per_token, max_num_seqs=200, enable_prefix_caching=False)
     pool = llm.engine.pool
-    assert pool.num_usable_blocks * 16 < 40 * 40
     rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(199998) for _ in range(rng.randint(10, 40))]} for _ in range(40)]
-    sps = [SamplingParams(temperature=0, max_tokens=rng.randint(5, 30), ignore_eos=True) for _ in prompts]
+    prompts = [{"prompt_token_ids": [rng.randrange(199998) for _ in range(rng.randint(4, 24))]} for _ in range(200)]
+    sps = [SamplingParams(temperature=0, max_tokens=rng.randint(2, 12), ignore_eos=True) for _ in prompts]
+    in_flight = sum(len(p["prompt_token_ids"]) + sp.max_tokens for p, sp in zip(prompts, sps))
+    assert in_flight > 8 * pool.num_usable_blocks * 16
     outs = llm.generate(prompts, sps, use_tqdm=False)
     assert all(o.finished and len(o.outputs[0].token_ids) == sp.max_tokens for o, sp in zip(outs, sps))
     assert pool.all_free and not llm.engine.scheduler.requests
