@@ -464,3 +464,19 @@ def test_triton_dot_scaled_upcast_gpu(cuda_weights, T):
     out = get_moe_backend("triton", "cuda", None)(w, spec, torch.bfloat16, upcast="dot_scaled").forward(x, lg)
     ref = get_moe_backend("torch", "cuda", None)(w, spec, torch.bfloat16).forward(x, lg)
     assert_backend_close(out, ref, "bf16", ("dot_scaled", T))
+
+
+def test_llm_with_triton_backend_gives_torch_tokens_interpreted(interp, tmp_path):
+    """The whole engine with moe_backend="triton" (interpreted kernels, fp32 on CPU) gives the
+    greedy tokens of the "torch" backend."""
+    from gptoss import LLM, SamplingParams
+    from gptoss.testing import make_checkpoint
+    ckpt = str(make_checkpoint(tmp_path / "tiny", preset="tiny", seed=5, device="cpu"))
+    prompts = [{"prompt_token_ids": [5, 17, 300, 4000, 12]}, {"prompt_token_ids": list(range(900, 930))}]
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    got = {}
+    for name in ("torch", "triton"):
+        llm = LLM(ckpt, moe_backend=name, dtype="float32", device="cpu", max_model_len=128, progress=False)
+        assert llm.engine.moe_backend == name
+        got[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert got["triton"] == got["torch"]
