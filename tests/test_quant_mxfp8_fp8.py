@@ -1,7 +1,6 @@
 """MXFP8 and FP8 (e4m3): the scale rules, e4m3 rounding (exhaustive ties), error bounds, exactness
 on representable values, zeros and NaN/inf."""
 
-import math
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from hypothesis.extra.numpy import arrays
 from gptoss.quant import dequantize_fp8, dequantize_mxfp8, quantize_fp8, quantize_mxfp8
 from gptoss.quant.fp8 import SCALE_FLOOR
 from gptoss.quant.mxfp4 import e8m0_to_float
+from test_quant_mxfp4 import min_exponent  # the same scale oracle serves both block formats
 
 E4M3 = torch.float8_e4m3fn
 # float32 over its whole exponent range up to 2^127 (past that, rounding up can reach 2^128 = inf)
@@ -25,14 +25,6 @@ def f32(shape_strategy, elements=finite_f32):
     return shape_strategy.flatmap(lambda shp: arrays(np.float32, shp, elements=elements)).map(torch.from_numpy)
 
 
-def min_exponent(amax: float, fmax: float) -> int:
-    """Oracle: the smallest k >= -127 with amax <= fmax * 2^k, by search in float64 (exact here)."""
-    if amax == 0:
-        return -127
-    k = math.frexp(amax)[1] - 12
-    while amax > math.ldexp(fmax, k):
-        k += 1
-    return max(k, -127)
 
 
 def e4m3_bound(x: torch.Tensor, scale: torch.Tensor, slack: float = 0.0) -> torch.Tensor:
