@@ -8,6 +8,7 @@ coroutine (a client that disconnects) aborts the request and frees its KV blocks
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -31,6 +32,11 @@ class AsyncLLM:
         engine.driven_by_async = True  # the engine thread is its only driver from now on
         self.max_queued_requests = max_queued_requests
         self._lock = threading.Condition()
+        # Python's lock is not fair: the engine thread, re-taking it right after each step, could keep
+        # an abort or a new request out for many steps. Callers count themselves here and the engine
+        # thread steps aside between steps while any are waiting.
+        self._callers = 0
+        self._callers_lock = threading.Lock()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list[Request]]] = {}
         self._ids = itertools.count()
         self._stop = False
@@ -43,8 +49,21 @@ class AsyncLLM:
     def is_running(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    @contextlib.contextmanager
+    def _turn(self):
+        """The engine, between two steps, for a caller thread."""
+        with self._callers_lock:
+            self._callers += 1
+        try:
+            with self._lock:
+                yield
+                self._lock.notify_all()
+        finally:
+            with self._callers_lock:
+                self._callers -= 1
+
     def stats(self) -> dict:
-        with self._lock:
+        with self._turn():
             s = self.engine.scheduler
             return {"num_requests_running": len(s.running), "num_requests_waiting": len(s.waiting),
                     "kv_cache_usage_perc": self.engine.pool.usage,
@@ -63,7 +82,7 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         rid = request_id or f"req-{next(self._ids)}"
-        with self._lock:
+        with self._turn():
             if self.max_queued_requests is not None and self.num_waiting() >= self.max_queued_requests:
                 raise QueueFullError(f"{self.num_waiting()} requests are already waiting "
                                      f"(max_queued_requests={self.max_queued_requests})")
@@ -71,7 +90,6 @@ class AsyncLLM:
                 raise ValueError(f"request id {rid!r} is already in use")
             reqs = self.engine.add_request(prompt_token_ids, params, rid)  # raises on bad input
             self._streams[rid] = (loop, queue, reqs)
-            self._lock.notify()
         try:
             while True:
                 item = await queue.get()
@@ -86,15 +104,14 @@ class AsyncLLM:
             self.abort(rid)  # no-op if it finished; frees the blocks if the consumer went away
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
+        with self._turn():
             entry = self._streams.pop(request_id, None)
             if entry is not None:
                 self.engine.abort([r.request_id for r in entry[2] if not r.finished])
 
     def shutdown(self) -> None:
-        with self._lock:
+        with self._turn():
             self._stop = True
-            self._lock.notify()
         self._thread.join(timeout=10)
         self.engine.driven_by_async = False
 
@@ -102,8 +119,8 @@ class AsyncLLM:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and not self.engine.has_unfinished():
-                    self._lock.wait()
+                while not self._stop and (self._callers or not self.engine.has_unfinished()):
+                    self._lock.wait(0.002 if self._callers else None)
                 if self._stop:
                     return
                 try:

@@ -131,7 +131,11 @@ class _ClientGone(Exception):
 
 
 async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+    await _wait_disconnect_raw(request.receive)
+
+
+async def _wait_disconnect_raw(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
@@ -163,9 +167,17 @@ class _SSEResponse(StreamingResponse):
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope, receive, send):
+        # uvicorn drops writes to a closed connection without raising, so the stream would run to
+        # its end; watching for the disconnect message ourselves stops it at once
+        streamer = asyncio.ensure_future(super().__call__(scope, receive, send))
+        listener = asyncio.ensure_future(_wait_disconnect_raw(receive))
         try:
-            await super().__call__(scope, receive, send)
+            await asyncio.wait({streamer, listener}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for task in (streamer, listener):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             await self.body_iterator.aclose()
 
 
