@@ -96,22 +96,19 @@ class Metrics:
             out.append(f"# TYPE gptoss:{name} {kind}")
             out.extend(samples)
 
-        metric("num_requests_running", "gauge", "Sequences in the running batch.",
-               [f"gptoss:num_requests_running{{{lab}}} {stats['num_requests_running']}"])
-        metric("num_requests_waiting", "gauge", "Sequences waiting to be scheduled.",
-               [f"gptoss:num_requests_waiting{{{lab}}} {stats['num_requests_waiting']}"])
-        metric("kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use (1 = full).",
-               [f"gptoss:kv_cache_usage_perc{{{lab}}} {stats['kv_cache_usage_perc']}"])
-        metric("engine_running", "gauge", "1 while the engine thread runs, 0 after it failed.",
-               [f"gptoss:engine_running{{{lab}}} {int(running)}"])
-        metric("prefix_cache_queries_total", "counter", "Prefix cache lookups.",
-               [f"gptoss:prefix_cache_queries_total{{{lab}}} {stats.get('prefix_cache_queries', 0)}"])
-        metric("prefix_cache_hits_total", "counter", "Prefix cache hits.",
-               [f"gptoss:prefix_cache_hits_total{{{lab}}} {stats.get('prefix_cache_hits', 0)}"])
-        metric("prompt_tokens_total", "counter", "Prompt tokens of finished requests.",
-               [f"gptoss:prompt_tokens_total{{{lab}}} {self.prompt_tokens}"])
-        metric("generation_tokens_total", "counter", "Generated tokens of finished requests.",
-               [f"gptoss:generation_tokens_total{{{lab}}} {self.generation_tokens}"])
+        # single-sample metrics: name, kind, help, value
+        for name, kind, help_, value in (
+                ("num_requests_running", "gauge", "Sequences in the running batch.", stats["num_requests_running"]),
+                ("num_requests_waiting", "gauge", "Sequences waiting to be scheduled.", stats["num_requests_waiting"]),
+                ("kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use (1 = full).",
+                 stats["kv_cache_usage_perc"]),
+                ("engine_running", "gauge", "1 while the engine thread runs, 0 after it failed.", int(running)),
+                ("prefix_cache_queries_total", "counter", "Prefix cache lookups.", stats.get("prefix_cache_queries", 0)),
+                ("prefix_cache_hits_total", "counter", "Prefix cache hits.", stats.get("prefix_cache_hits", 0)),
+                ("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", self.prompt_tokens),
+                ("generation_tokens_total", "counter", "Generated tokens of finished requests.",
+                 self.generation_tokens)):
+            metric(name, kind, help_, [f"gptoss:{name}{{{lab}}} {value}"])
         metric("request_success_total", "counter", "Finished choices by finish reason.",
                [f'gptoss:request_success_total{{{lab},finished_reason="{r}"}} {c}'
                 for r, c in sorted(self.finished.items())])
