@@ -302,26 +302,21 @@ def test_expert_and_tensor_parallel_slices_interpreted(interp):
     cfg = interp.backends.MoEKernelConfig(
         gate_up=interp.gemm.GemmOptions(block_n=64, block_k=32, prefetch=1),
         down=interp.gemm.GemmOptions(block_n=64, block_k=32, prefetch=1))
-    parts = []
-    for rank in range(2):
-        spec = MoESpec(8, 2, 64, 64, expert_start=4 * rank, num_local_experts=4)
-        wr = slice_weights(w, experts=slice(4 * rank, 4 * rank + 4))
-        out = cls(wr, spec, torch.bfloat16, config=cfg).forward(x, lg)
-        em, er = errors(out, torch_backend(wr, spec).forward(x, lg))
-        assert em < 2e-2 and er < 4e-3
-        parts.append(out.float())
-    em, er = errors(parts[0] + parts[1], ref)
-    assert em < 2e-2 and er < 4e-3
-    parts = []
-    for rank in range(2):
-        spec = MoESpec(8, 2, 64, 32, add_down_bias=rank == 0)
-        wr = slice_weights(w, inter=slice(32 * rank, 32 * rank + 32))
-        out = cls(wr, spec, torch.bfloat16, config=cfg).forward(x, lg)
-        em, er = errors(out, torch_backend(wr, spec).forward(x, lg))
-        assert em < 2e-2 and er < 4e-3
-        parts.append(out.float())
-    em, er = errors(parts[0] + parts[1], ref)
-    assert em < 2e-2 and er < 4e-3
+    ranks = {  # EP: half the experts each; TP: half the intermediate dimension, one down bias
+        "ep": [(MoESpec(8, 2, 64, 64, expert_start=4 * r, num_local_experts=4),
+                slice_weights(w, experts=slice(4 * r, 4 * r + 4))) for r in range(2)],
+        "tp": [(MoESpec(8, 2, 64, 32, add_down_bias=r == 0),
+                slice_weights(w, inter=slice(32 * r, 32 * r + 32))) for r in range(2)],
+    }
+    for mode, shards in ranks.items():
+        parts = []
+        for spec, wr in shards:
+            out = cls(wr, spec, torch.bfloat16, config=cfg).forward(x, lg)
+            em, er = errors(out, torch_backend(wr, spec).forward(x, lg))
+            assert em < 2e-2 and er < 4e-3, mode
+            parts.append(out.float())
+        em, er = errors(parts[0] + parts[1], ref)
+        assert em < 2e-2 and er < 4e-3, mode
 
 
 # ----------------------------------------------------------------------------- GPU: the gpt-oss shapes

@@ -97,29 +97,31 @@ def _copy(tiny_ckpt, tmp_path):
     return d
 
 
-def test_missing_tensor_is_named(tiny_ckpt, tmp_path):
+def _edited(tiny_ckpt, tmp_path, edit):
+    """A copy of the checkpoint with `edit(tensors)` applied to its tensors."""
     d = _copy(tiny_ckpt, tmp_path)
     t = load_file(str(d / "model.safetensors"))
-    del t["model.layers.2.self_attn.sinks"]
+    edit(t)
     save_file(t, str(d / "model.safetensors"))
+    return d
+
+
+def test_missing_tensor_is_named(tiny_ckpt, tmp_path):
+    d = _edited(tiny_ckpt, tmp_path, lambda t: t.pop("model.layers.2.self_attn.sinks"))
     with pytest.raises(CheckpointError, match=r"lacks tensor.*model\.layers\.2\.self_attn\.sinks.*model\.safetensors"):
         _load(d)
 
 
 def test_misshaped_tensor_is_named_with_file(tiny_ckpt, tmp_path):
-    d = _copy(tiny_ckpt, tmp_path)
-    t = load_file(str(d / "model.safetensors"))
-    t["model.layers.1.mlp.router.weight"] = t["model.layers.1.mlp.router.weight"][:, :32].contiguous()
-    save_file(t, str(d / "model.safetensors"))
+    name = "model.layers.1.mlp.router.weight"
+    d = _edited(tiny_ckpt, tmp_path, lambda t: t.update({name: t[name][:, :32].contiguous()}))
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.router\.weight.*model\.safetensors.*\[4, 32\].*\[4, 64\]"):
         _load(d)
 
 
 def test_wrong_dtype_for_mxfp4_is_named(tiny_ckpt, tmp_path):
-    d = _copy(tiny_ckpt, tmp_path)
-    t = load_file(str(d / "model.safetensors"))
-    t["model.layers.0.mlp.experts.down_proj_scales"] = t["model.layers.0.mlp.experts.down_proj_scales"].float()
-    save_file(t, str(d / "model.safetensors"))
+    name = "model.layers.0.mlp.experts.down_proj_scales"
+    d = _edited(tiny_ckpt, tmp_path, lambda t: t.update({name: t[name].float()}))
     with pytest.raises(CheckpointError, match=r"down_proj_scales.*uint8"):
         _load(d)
 
