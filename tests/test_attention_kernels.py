@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from gptoss.kernels import attention as attn
-from gptoss.kernels.attention import AttentionOptions, paged_attention, write_kv
+from gptoss.kernels.attention import AttentionOptions, paged_attention, rope_write_kv, write_kv
 from gptoss.kernels.attention_torch import (fp8_scale_torch, paged_attention_torch, quantize_fp8_torch,
-                                            write_kv_torch)
+                                            rope_write_kv_torch, write_kv_torch)
 
 FP8 = torch.float8_e4m3fn
 CUDA = torch.cuda.is_available()
@@ -234,6 +234,40 @@ def _write_kv_matches_twin(device, fp8, dtype=torch.bfloat16, T=9, hkv=2, d=32, 
             assert torch.equal(scales[a], scales[b])
 
 
+def _rope_write_kv_matches_twin(device, fp8, dtype, T=11, hq=4, hkv=2, d=32, block_size=4, max_pos=64):
+    """The fused rotary embedding + KV write vs apply_rope_torch + write_kv_torch: q and the cache
+    contents agree (fp8 codes may differ by one step where fp32 rounding orders differ)."""
+    g = torch.Generator().manual_seed(int(fp8) * 7 + T)
+    qkv = torch.randn(T, hq + 2 * hkv, d, generator=g).to(dtype) * 2
+    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]  # strided views, as from the projection
+    ang = torch.rand(max_pos, d // 2, generator=g) * 6.3
+    cos, sin = ang.cos() * 1.3, ang.sin() * 1.3  # YaRN scales both by its attention factor
+    pos = torch.randint(0, max_pos, (T,), generator=g)
+    nb = T // block_size + 2
+    slots = torch.randperm(nb * block_size, generator=g)[:T]
+    slots[2] = -1  # a padding row: q is still rotated, nothing is written
+    cdt = FP8 if fp8 else dtype
+    caches = [torch.full((nb, block_size, hkv, d), 5.0, dtype=dtype).to(cdt).to(device) for _ in range(4)]
+    scales = [torch.zeros(nb, block_size, hkv, device=device) if fp8 else None for _ in range(4)]
+    args = [x.to(device) for x in (q, k, v, pos, cos, sin)]
+    q_out = rope_write_kv(*args, caches[0], caches[1], slots.to(device), scales[0], scales[1])
+    q_ref = rope_write_kv_torch(*args, caches[2], caches[3], slots.to(device), scales[2], scales[3])
+    assert q_out.shape == q.shape and q_out.dtype == dtype
+    tol = dict(max_tol=1e-5, rms_tol=1e-6) if dtype == torch.float32 else {}
+    assert_close(q_out, q_ref, what="rotated q", **tol)
+    assert not torch.allclose(q_out.float().cpu(), q.float(), atol=1e-2), "q was not rotated"
+    for a, b in ((0, 2), (1, 3)):
+        if fp8:
+            assert_close(scales[a], scales[b], what="fp8 scales", **tol)
+            deq = [caches[i].float() * scales[i][..., None] for i in (a, b)]
+            assert_close(deq[0], deq[1], max_tol=0.07, rms_tol=4e-3, what="fp8 cache")
+        else:
+            assert_close(caches[a], caches[b], what="cache", **tol)
+    untouched = torch.ones(nb * block_size, dtype=torch.bool)
+    untouched[slots[slots >= 0]] = False
+    assert (caches[0].float().view(-1, hkv, d)[untouched.to(device)] == 5.0).all(), "wrote outside its slots"
+
+
 # (query_lens, ctx_lens, block_size, window): prefill, chunked prefill after a prefix, mixed batches
 PREFILL_CASES = [
     ([7, 20, 3], [0, 0, 0], 4, None),
@@ -255,6 +289,13 @@ DECODE_CASES = [
 @pytest.mark.parametrize("fp8", [False, True])
 def test_interp_write_kv(fp8):
     _write_kv_matches_twin("cpu", fp8)
+
+
+@interp_only
+@pytest.mark.parametrize("fp8", [False, True])
+def test_interp_rope_write_kv(fp8):
+    # float32: the interpreter's fp32 -> bf16 cast truncates; the GPU test covers bf16
+    _rope_write_kv_matches_twin("cpu", fp8, torch.float32)
 
 
 @interp_only
@@ -311,6 +352,14 @@ def test_interp_decode_skips_padding_sequences():
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gpu_write_kv_bit_exact(fp8):
     _write_kv_matches_twin("cuda", fp8, T=300, hkv=8, d=64, block_size=16)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_rope_write_kv(fp8):
+    _rope_write_kv_matches_twin("cuda", fp8, torch.bfloat16, T=300, hq=64, hkv=8, d=64, block_size=16,
+                                max_pos=4096)
 
 
 # (block_size, window, fp8): every kernel variant at block 16, other block sizes on a few

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from . import attention_triton as _k
-from .attention_torch import paged_attention_torch, write_kv_torch
+from .attention_torch import paged_attention_torch, rope_write_kv_torch, write_kv_torch
 
 # the interpreter (TRITON_INTERPRET=1 before this module was imported) runs the kernels on CPU tensors
 INTERPRETED = type(_k._decode_kernel).__name__ == "InterpretedFunction"
@@ -95,19 +95,50 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if not _uses_triton(k):
         write_kv_torch(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         return
+    _launch_write_kv(None, k, v, None, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8)
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotary embedding on q [T, Hq, D] and k [T, Hkv, D] at positions [T] (cos / sin: fp32 tables
+    [max_pos, D/2]), then write_kv of the rotated k and v: one kernel per step instead of ~20 small
+    ones per layer. Returns the rotated q (a new tensor); the rotated k only lives in the cache."""
+    fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
+    T, H, D = k.shape
+    if (v.shape != k.shape or q.shape[0] != T or q.shape[2] != D or tuple(k_cache.shape[2:]) != (H, D)
+            or slot_mapping.shape != (T,) or positions.shape != (T,) or cos.shape[1:] != (D // 2,)):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, positions "
+                         f"{tuple(positions.shape)}, cos {tuple(cos.shape)} do not fit the cache {tuple(k_cache.shape)}")
+    if not _uses_triton(k):
+        return rope_write_kv_torch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _launch_write_kv(q, k, v, (q_out, positions, cos, sin), k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8)
+    return q_out
+
+
+def _launch_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8: bool) -> None:
+    T, H, D = k.shape
     if T == 0:
         return
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("k and v need a contiguous head_dim")
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or (q is not None and q.stride(-1) != 1):
+        raise ValueError("q, k and v need a contiguous head_dim")
     ks = k_scale if fp8 else k_cache  # placeholders; FP8=False never touches them
     vs = v_scale if fp8 else v_cache
     ss = k_scale.stride() if fp8 else (0, 0, 0)
+    if rope is None:  # placeholders again: ROPE=False never reads q, positions or the tables
+        q, (q_out, pos, cos, sin) = k, (k, slot_mapping, k, k)
+    else:
+        q_out, pos, cos, sin = rope
     _k._write_kv_kernel[(T,)](
-        k, v, k_cache, v_cache, ks, vs, slot_mapping,
+        q, k, v, q_out, pos, cos, sin, k_cache, v_cache, ks, vs, slot_mapping,
+        q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), ss[0], ss[1],
         k_cache.shape[1],
-        H=H, D=D, BLOCK_H=triton.next_power_of_2(H), FP8=fp8, num_warps=1)
+        HQ=q.shape[1], H=H, D=D, BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_H=triton.next_power_of_2(H),
+        ROPE=rope is not None, FP8=fp8, num_warps=1 if rope is None else 4)
 
 
 @functools.lru_cache(maxsize=None)

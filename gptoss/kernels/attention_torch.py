@@ -55,6 +55,21 @@ def write_kv_torch(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         cache.index_copy_(0, slots, x)
 
 
+def apply_rope_torch(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated at positions [T] by the fp32 tables cos / sin [max_pos, D/2]: the two
+    halves are the pairs; computed in fp32 and rounded once to x.dtype, as the fused kernel does."""
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [T, 1, D/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def rope_write_kv_torch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, k_scale=None,
+                        v_scale=None) -> torch.Tensor:
+    """The twin of attention.rope_write_kv: rotated q returned, rotated k and v written to the cache."""
+    write_kv_torch(apply_rope_torch(k, positions, cos, sin), v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return apply_rope_torch(q, positions, cos, sin)
+
+
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, query_lens: list[int], seq_lens: list[int],
                           sinks: torch.Tensor, sm_scale: float, window: int | None,

@@ -41,38 +41,76 @@ def _round_e4m3(x):
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
+def _load_halves(ptr, rows, mask, D: tl.constexpr):
+    # a [rows, D] tile as its two halves [rows, D/2] (the halves rotary embedding pairs up)
+    d2 = tl.arange(0, D // 2)
+    x1 = tl.load(ptr + rows[:, None] + d2[None, :], mask=mask, other=0.0)
+    x2 = tl.load(ptr + rows[:, None] + D // 2 + d2[None, :], mask=mask, other=0.0)
+    return x1, x2
+
+
+@triton.jit
+def _rotate(x1, x2, c, s, out_ty):
+    # (x1, x2) rotated by (cos, sin) [D/2] in fp32, rounded once to the activation dtype (as the twin)
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    return ((x1 * c[None, :] - x2 * s[None, :]).to(out_ty),
+            (x2 * c[None, :] + x1 * s[None, :]).to(out_ty))
+
+
+@triton.jit
+def _store_kv_halves(c_ptr, sc_ptr, dst, sdst, x1, x2, mask, hmask, D: tl.constexpr, FP8: tl.constexpr):
+    # one token's [heads, D] row into the cache; fp8 caches get codes and the per-row scale amax / 448
+    if FP8:
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
+        sc = _fp8_scale(tl.maximum(tl.max(tl.abs(x1), axis=1), tl.max(tl.abs(x2), axis=1)))  # [BLOCK_H]
+        x1 = _round_e4m3(tl.clamp(tl.math.div_rn(x1, sc[:, None]), -448.0, 448.0))
+        x2 = _round_e4m3(tl.clamp(tl.math.div_rn(x2, sc[:, None]), -448.0, 448.0))
+        tl.store(sc_ptr + sdst, sc, mask=hmask)
+    d2 = tl.arange(0, D // 2)[None, :]
+    tl.store(c_ptr + dst[:, None] + d2, x1.to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + dst[:, None] + D // 2 + d2, x2.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _write_kv_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, pos_ptr, cos_ptr, sin_ptr,
+                     kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
+                     stride_qt, stride_qh, stride_ot, stride_oh,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
                      block_size,
-                     H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr):
-    t = tl.program_id(0)
+                     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                     BLOCK_H: tl.constexpr, ROPE: tl.constexpr, FP8: tl.constexpr):
+    # one program per token: (ROPE) rotate its q heads into qo and its k heads, then K/V into the cache
+    t = tl.program_id(0).to(tl.int64)
+    if ROPE:
+        d2 = tl.arange(0, D // 2)
+        p = tl.load(pos_ptr + t).to(tl.int64)
+        c = tl.load(cos_ptr + p * (D // 2) + d2)
+        s = tl.load(sin_ptr + p * (D // 2) + d2)
+        hq = tl.arange(0, BLOCK_HQ)
+        qmask = (hq < HQ)[:, None]
+        q1, q2 = _load_halves(q_ptr + t * stride_qt, hq * stride_qh, qmask, D)
+        q1, q2 = _rotate(q1, q2, c, s, qo_ptr.dtype.element_ty)
+        qdst = qo_ptr + t * stride_ot + hq[:, None] * stride_oh + d2[None, :]
+        tl.store(qdst, q1, mask=qmask)
+        tl.store(qdst + D // 2, q2, mask=qmask)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         blk = slot // block_size
         off = slot % block_size
         h = tl.arange(0, BLOCK_H)
-        d = tl.arange(0, D)
         hmask = h < H
         mask = hmask[:, None]
-        k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask, other=0.0)
-        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0)
-        dst = blk * stride_cb + off * stride_ct + h[:, None] * stride_ch + d[None, :]  # [BLOCK_H, D]
-        if FP8:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            sk = _fp8_scale(tl.max(tl.abs(k), axis=1))  # [BLOCK_H]
-            sv = _fp8_scale(tl.max(tl.abs(v), axis=1))
-            kq = _round_e4m3(tl.clamp(tl.math.div_rn(k, sk[:, None]), -448.0, 448.0))
-            vq = _round_e4m3(tl.clamp(tl.math.div_rn(v, sv[:, None]), -448.0, 448.0))
-            tl.store(kc_ptr + dst, kq.to(kc_ptr.dtype.element_ty), mask=mask)
-            tl.store(vc_ptr + dst, vq.to(vc_ptr.dtype.element_ty), mask=mask)
-            sdst = blk * stride_sb + off * stride_st + h
-            tl.store(ks_ptr + sdst, sk, mask=hmask)
-            tl.store(vs_ptr + sdst, sv, mask=hmask)
-        else:
-            tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
-            tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+        k1, k2 = _load_halves(k_ptr + t * stride_kt, h * stride_kh, mask, D)
+        if ROPE:
+            k1, k2 = _rotate(k1, k2, c, s, k_ptr.dtype.element_ty)
+        v1, v2 = _load_halves(v_ptr + t * stride_vt, h * stride_vh, mask, D)
+        dst = blk * stride_cb + off * stride_ct + h * stride_ch  # [BLOCK_H]
+        sdst = blk * stride_sb + off * stride_st + h
+        _store_kv_halves(kc_ptr, ks_ptr, dst, sdst, k1, k2, mask, hmask, D, FP8)
+        _store_kv_halves(vc_ptr, vs_ptr, dst, sdst, v1, v2, mask, hmask, D, FP8)
 
 
 @triton.jit

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..engine.forward_context import get_forward_context
-from ..kernels.attention import paged_attention, write_kv
+from ..kernels.attention import paged_attention, rope_write_kv
+from ..kernels.rmsnorm import rms_norm
 from ..moe import MoESpec, MoEWeights
 from ..distributed import ParallelState
 from .rope import RotaryEmbedding
@@ -29,11 +30,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = _param(dim, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in fp32, as the reference does, then the weight, then back to the activation dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with residual: (norm(x + residual), x + residual), in one kernel."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class AttentionBlock(nn.Module):
@@ -60,22 +59,25 @@ class AttentionBlock(nn.Module):
         self.out_weight = _param(config.hidden_size, q, dtype=dtype, device=device)
         self.out_bias = _param(config.hidden_size, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor):
+        """(residual stream, the previous block's output not yet added) -> the same pair after this
+        block: the add is folded into this block's norm."""
         ctx = get_forward_context()
-        t = self.norm(x)
+        t, x = self.norm(x, delta) if delta is not None else (self.norm(x), x)
         with torch.profiler.record_function("attn.qkv"):
             qkv = F.linear(t, self.qkv_weight, self.qkv_bias)  # [T, q + 2kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.rope(q.unflatten(-1, (self.num_heads, self.head_dim)), positions)  # [T, Hq, D]
-        k = self.rope(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), positions)  # [T, Hkv, D]
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))  # [T, Hq, D]
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         cache = ctx.kv_caches[self.layer_idx]
         # sliding layers may keep their blocks in a group of their own (only the window is held)
         own = self.window is not None and ctx.swa_block_tables is not None
         tables = ctx.swa_block_tables if own else ctx.block_tables
         slots = ctx.swa_slot_mapping if own else ctx.slot_mapping
-        with torch.profiler.record_function("attn.kv_write"):
-            write_kv(k, v, cache.k, cache.v, slots, cache.k_scale, cache.v_scale)
+        with torch.profiler.record_function("attn.rope_kv_write"):
+            q = rope_write_kv(q, k, v, positions, self.rope.cos, self.rope.sin, cache.k, cache.v, slots,
+                              cache.k_scale, cache.v_scale)
         with torch.profiler.record_function("attn.core"):
             o = paged_attention(q, cache.k, cache.v, tables, ctx.query_start_loc, ctx.seq_lens,
                                 ctx.max_query_len, ctx.max_seq_len, self.sinks, self.sm_scale, self.window,
@@ -84,7 +86,7 @@ class AttentionBlock(nn.Module):
             # only rank 0 adds the bias, so the all-reduce sums it once
             bias = self.out_bias if self.par.tp_rank == 0 else None
             o = F.linear(o.flatten(1), self.out_weight, bias)
-        return x + self.par.all_reduce(o)
+        return x, self.par.all_reduce(o)
 
 
 class MLPBlock(nn.Module):
@@ -111,13 +113,13 @@ class MLPBlock(nn.Module):
                        self.down_blocks.data, self.down_scales.data, self.down_bias.data)
         self.experts = backend_cls(w, self.spec, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.norm(x)
+    def forward(self, x: torch.Tensor, delta: torch.Tensor):
+        t, x = self.norm(x, delta)
         with torch.profiler.record_function("moe.router"):
             logits = F.linear(t, self.router_weight, self.router_bias)  # [T, E]
         with torch.profiler.record_function("moe.experts"):
             y = self.experts.forward(t, logits)
-        return x + self.par.all_reduce(y)
+        return x, self.par.all_reduce(y)
 
 
 class TransformerBlock(nn.Module):
@@ -126,8 +128,8 @@ class TransformerBlock(nn.Module):
         self.attn = AttentionBlock(config, layer_idx, rope, par, dtype, device)
         self.mlp = MLPBlock(config, spec, par, dtype, device)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.attn(x, positions))
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor):
+        return self.mlp(*self.attn(x, delta, positions))
 
 
 class Transformer(nn.Module):
@@ -150,10 +152,10 @@ class Transformer(nn.Module):
             layer.mlp.bind_moe_backend(backend_cls, self.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embedding)  # [T, H]
+        x, delta = F.embedding(input_ids, self.embedding), None  # [T, H]
         for layer in self.layers:
-            x = layer(x, positions)
-        return x
+            x, delta = layer(x, delta, positions)
+        return x + delta
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, H] (the rows that sample) -> fp32 logits [S, vocab]."""

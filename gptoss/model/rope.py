@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..kernels.attention_torch import apply_rope_torch
+
 
 def yarn_inv_freq(head_dim: int, base: float, factor: float, beta_fast: float, beta_slow: float,
                   original_max_position: int, truncate: bool) -> tuple[torch.Tensor, float]:
@@ -41,8 +43,6 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", (freqs.sin() * scale).to(device), persistent=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, head_dim] rotated at `positions` [T]; the two halves form the complex pairs."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        """x [T, heads, head_dim] rotated at `positions` [T]; the two halves form the complex pairs.
+        (The model fuses this into the KV write: kernels.attention.rope_write_kv.)"""
+        return apply_rope_torch(x, positions, self.cos, self.sin)
