@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from gptoss import LLM, SamplingParams
 from gptoss.engine.kv_cache import KVCacheManager, plan_kv_layout
@@ -179,3 +180,19 @@ def test_prompt_larger_than_cache_is_an_error(tiny_ckpt):
     cap = llm.engine.pool.num_usable_blocks * 16
     with pytest.raises(ValueError, match=f"KV cache holds only {cap}"):
         llm.generate({"prompt_token_ids": list(range(cap + 5))}, use_tqdm=False)
+
+
+def test_bfloat16_cache_for_a_float32_model(tiny_ckpt, tiny_llm):
+    # kv_cache_dtype="bfloat16" is honoured whatever the model's dtype (it was silently ignored)
+    llm = LLM(str(tiny_ckpt), dtype="float32", device="cpu", max_model_len=1024, progress=False,
+              kv_cache_dtype="bfloat16")
+    caches = llm.engine.runner.kv_caches
+    assert {c.k.dtype for c in caches} == {torch.bfloat16} and llm.engine.kv_dtype == torch.bfloat16
+    assert tiny_llm.engine.runner.kv_caches[0].k.dtype == torch.float32  # "auto" follows the model
+    sp = SamplingParams(temperature=0, max_tokens=6, logprobs=0)
+    a = llm.generate({"prompt_token_ids": list(range(100, 140))}, sp, use_tqdm=False)[0].outputs[0]
+    b = tiny_llm.generate({"prompt_token_ids": list(range(100, 140))}, sp, use_tqdm=False)[0].outputs[0]
+    # the first token comes from the prompt's K/V, rounded to bf16 in one cache and not the other
+    (ta, la), = a.logprobs[0].items()
+    (tb, lb), = b.logprobs[0].items()
+    assert ta == tb and abs(la.logprob - lb.logprob) < 0.05 and la.logprob != lb.logprob

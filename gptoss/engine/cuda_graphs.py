@@ -12,8 +12,9 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches, max_batch: int, max_model_len: int, block_size: int,
-                 swa: bool, device: torch.device):
+                 swa: bool, device: torch.device, with_logits: bool = True):
         self.model = model
+        self.with_logits = with_logits  # TP worker ranks stop at the hidden states
         self.sizes = [b for b in BUCKETS if b <= max_batch] or [1]
         n, w = self.sizes[-1], -(-max_model_len // block_size)
         self.max_model_len = max_model_len
@@ -45,19 +46,24 @@ class DecodeGraphs:
     def _capture(self, b: int, pool):
         ctx = self._ctx(b)
         with set_forward_context(ctx):
-            self.model.compute_logits(self.model(self.ids[:b], self.pos[:b]))  # warm up: compile, autotune
+            self._step(b)  # warm up: compile, autotune (and, under TP, the first collectives)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                logits = self.model.compute_logits(self.model(self.ids[:b], self.pos[:b]))
-        return g, logits
+                out = self._step(b)
+        return g, out
+
+    def _step(self, b: int) -> torch.Tensor:
+        hidden = self.model(self.ids[:b], self.pos[:b])
+        return self.model.compute_logits(hidden) if self.with_logits else hidden
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
     @torch.inference_mode()
     def run(self, ctx: ForwardContext, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """A decode step of B = len(ids) sequences (one token each) -> fp32 logits [B, vocab]."""
+        """A decode step of B = len(ids) sequences (one token each) -> fp32 logits [B, vocab] (or the
+        hidden states [B, H] without logits)."""
         B = ids.shape[0]
         b = next(s for s in self.sizes if s >= B)
         W = ctx.block_tables.shape[1]
@@ -74,6 +80,6 @@ class DecodeGraphs:
             self.swa_slots[B:b].fill_(-1)
             self.swa_tables[:B, :W].copy_(ctx.swa_block_tables)
             self.swa_tables[B:b, 0].fill_(0)
-        g, logits = self.graphs[b]
+        g, out = self.graphs[b]
         g.replay()
-        return logits[:B]
+        return out[:B]

@@ -66,6 +66,12 @@ def plan_kv_layout(budget: int, is_sliding: list[bool], window: int, num_kv_head
     return KVLayout(int(full) + 1, int(swa) + 1, window, int(max_chunk))
 
 
+def kv_storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The element type of a non-fp8 cache: "bfloat16" asks for bf16 whatever the model's dtype
+    (half the memory of a float32 model's cache); "auto" follows the model."""
+    return torch.bfloat16 if kv_cache_dtype == "bfloat16" else model_dtype
+
+
 def allocate_kv_caches(layout: KVLayout, is_sliding: list[bool], block_size: int, num_kv_heads: int,
                        head_dim: int, dtype: torch.dtype, fp8: bool, device) -> list[LayerKVCache]:
     caches = []

@@ -16,7 +16,8 @@ from ..model.weights import CheckpointError, resolve_model_path
 from ..outputs import CompletionOutput, Logprob, RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import decode
-from .kv_cache import KVCacheManager, KVLayout, allocate_kv_caches, kv_bytes_per_token, plan_kv_layout
+from .kv_cache import (KVCacheManager, KVLayout, allocate_kv_caches, kv_bytes_per_token, kv_storage_dtype,
+                       plan_kv_layout)
 from .model_runner import ModelRunner
 from .worker import Worker
 from .request import Request
@@ -55,6 +56,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={mc.max_position_embeddings}")
         self.kv_fp8 = config.kv_cache_dtype == "fp8"
+        self.kv_dtype = kv_storage_dtype(config.kv_cache_dtype, self.dtype)  # of a non-fp8 cache
         self.block_size = config.block_size
         self.max_num_batched_tokens = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
         # ranks 1.. of a tensor-parallel group run in their own processes; this process is rank 0
@@ -78,10 +80,9 @@ class LLMEngine:
             self.max_num_batched_tokens = layout.max_chunk
             self.pool = KVCacheManager(layout.num_blocks, self.block_size, config.enable_prefix_caching,
                                        layout.window, layout.num_swa_blocks)
-            self.runner = self.worker.init_runner(layout, self.block_size, self.kv_fp8, config.seed, self.workers)
-            self.cuda_graphs = (self.device.type == "cuda" and not config.enforce_eager and self.workers is None
-                                and self.worker.graph_safe)
-            if self.cuda_graphs:
+            self.runner = self.worker.init_runner(layout, config, self.workers)
+            self.cuda_graphs = self.worker.uses_cuda_graphs(config)
+            if self.cuda_graphs:  # under TP the worker ranks capture the same graphs at the same time
                 self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len, layout.window is not None)
         except BaseException:
             if self.workers is not None:
@@ -102,13 +103,13 @@ class LLMEngine:
             return self.worker.kv_budget_that_fits(cfg) if self.workers else self._profile_free_memory()
         # a modest fixed size on CPU, no more than the longest batch could use
         per_token = kv_bytes_per_token(mc.num_hidden_layers, self.worker.num_kv_heads, mc.head_dim,
-                                       self.kv_fp8, self.dtype.itemsize)
+                                       self.kv_fp8, self.kv_dtype.itemsize)
         return min(CPU_KV_BYTES, per_token * cfg.max_num_seqs * (self.max_model_len + self.block_size))
 
     def plan_layout(self, budget: int) -> KVLayout:
         mc = self.model_config
         return plan_kv_layout(budget, mc.is_sliding, mc.sliding_window, self.worker.num_kv_heads, mc.head_dim,
-                              self.kv_fp8, self.dtype.itemsize, self.block_size, self.config.max_num_seqs,
+                              self.kv_fp8, self.kv_dtype.itemsize, self.block_size, self.config.max_num_seqs,
                               self.max_num_batched_tokens)
 
     def _profile_free_memory(self) -> int:
@@ -116,7 +117,7 @@ class LLMEngine:
         step (measured with one forward on a 2-block cache)."""
         mc = self.model_config
         kv = allocate_kv_caches(KVLayout(2, 2, None, 0), mc.is_sliding, self.block_size, self.worker.num_kv_heads,
-                                mc.head_dim, self.dtype, self.kv_fp8, self.device)
+                                mc.head_dim, self.kv_dtype, self.kv_fp8, self.device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()

@@ -69,32 +69,40 @@ class ModelRunner:
             swa_slot_mapping=swa_slots if swa else None)
         return ids, pos, ctx
 
+    def _replays(self, header: list[int]) -> bool:
+        """A pure decode step (one token per sequence, every sequence samples) that a captured graph
+        fits. Every rank decides from the same header, so under TP all ranks replay or none does."""
+        T, B, _, S, max_q = header[:5]
+        return self.graphs is not None and max_q == 1 and S == B == T and self.graphs.fits(B)
+
     @torch.inference_mode()
     def forward(self, header: list[int], flat: torch.Tensor) -> tuple[torch.Tensor, ForwardContext]:
+        """The step's forward -> (logits [S, vocab] when a graph replayed it, else hidden [T, H], ctx).
+        TP worker ranks run exactly this for every step rank 0 broadcasts."""
         input_ids, positions, ctx = self.unpack(header, flat)
+        if self._replays(header):
+            return self.graphs.run(ctx, input_ids, positions), ctx
         with set_forward_context(ctx):
             return self.model(input_ids, positions), ctx
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
         header, flat, samplers = self._pack(out)
-        T, B, _, S, max_q = header[:5]
-        if self.graphs is not None and max_q == 1 and S == B == T and self.graphs.fits(B):
-            ids, pos, ctx = self.unpack(header, flat)
-            logits = self.graphs.run(ctx, ids, pos)  # a pure decode step: replay a captured graph
-            return samplers, sample(logits, samplers, self.generator)
         if self.group is not None:
             self.group.send_step(header, flat)
-        hidden, ctx = self.forward(header, flat)
+        result, ctx = self.forward(header, flat)
         if not samplers:
             return samplers, None
-        logits = self.model.compute_logits(hidden[ctx.logits_indices])
+        # a replayed graph already gave the logits (rank 0's graphs include the unembedding)
+        logits = result if self._replays(header) else self.model.compute_logits(result[ctx.logits_indices])
         return samplers, sample(logits, samplers, self.generator)
 
-    def capture_cuda_graphs(self, max_batch: int, max_model_len: int, swa: bool) -> None:
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int, swa: bool, with_logits: bool = True) -> None:
+        """Under TP every rank captures the same buckets in the same order (the all-reduces inside
+        pair up); only rank 0 needs the unembedding in its graphs."""
         from .cuda_graphs import DecodeGraphs
         self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch, max_model_len, self.block_size, swa,
-                                   self.device)
+                                   self.device, with_logits)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:

@@ -35,8 +35,8 @@ def _free_port() -> int:
 
 def _init(rank: int, world: int, port: int, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type == "cuda":  # rank 0's device may be plain "cuda": the current one, index 0
+        torch.cuda.set_device(device.index if device.index is not None else 0)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=TIMEOUT)
 
@@ -144,8 +144,9 @@ def _worker_main(rank: int, world: int, port: int, cfg: dict, device_type: str) 
         layout = torch.zeros(4, dtype=torch.int64, device=device)
         dist.broadcast(layout, src=0)
         nb, nswa, window, chunk = layout.tolist()
-        runner = worker.init_runner(KVLayout(nb, nswa, window or None, chunk), config.block_size,
-                                    config.kv_cache_dtype == "fp8", config.seed)
+        runner = worker.init_runner(KVLayout(nb, nswa, window or None, chunk), config)
+        if worker.uses_cuda_graphs(config):  # in step with rank 0's capture: the all-reduces pair up
+            runner.capture_cuda_graphs(config.max_num_seqs, max_len, window > 0, with_logits=False)
         while True:
             head = torch.zeros(HEADER + 2, dtype=torch.int64, device=device)
             dist.broadcast(head, src=0)

@@ -15,7 +15,7 @@ from ..distributed import ParallelState
 from ..model.gpt_oss import Transformer
 from ..model.weights import load_weights
 from ..moe import get_moe_backend
-from .kv_cache import KVLayout, allocate_kv_caches
+from .kv_cache import KVLayout, allocate_kv_caches, kv_storage_dtype
 from .model_runner import ModelRunner
 
 
@@ -41,7 +41,12 @@ class Worker:
         free, total = torch.cuda.mem_get_info(self.device)
         return max(0, int(total * config.gpu_memory_utilization) - (total - free) - act)
 
-    def init_runner(self, layout: KVLayout, block_size: int, fp8: bool, seed: int, group=None) -> ModelRunner:
-        kv = allocate_kv_caches(layout, self.mc.is_sliding, block_size, self.num_kv_heads, self.mc.head_dim,
-                                self.dtype, fp8, self.device)
-        return ModelRunner(self.model, kv, block_size, self.device, seed, group)
+    def uses_cuda_graphs(self, config: EngineConfig) -> bool:
+        """The same answer on every rank (same config, same backend), so TP ranks capture together."""
+        return self.device.type == "cuda" and not config.enforce_eager and self.graph_safe
+
+    def init_runner(self, layout: KVLayout, config: EngineConfig, group=None) -> ModelRunner:
+        kv = allocate_kv_caches(layout, self.mc.is_sliding, config.block_size, self.num_kv_heads, self.mc.head_dim,
+                                kv_storage_dtype(config.kv_cache_dtype, self.dtype), config.kv_cache_dtype == "fp8",
+                                self.device)
+        return ModelRunner(self.model, kv, config.block_size, self.device, config.seed, group)
