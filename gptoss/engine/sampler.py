@@ -20,19 +20,34 @@ class SamplerOutput:
     logprobs: list[dict[int, tuple[float, int]] | None]  # {token: (logprob, rank)} per row
 
 
+def _counts(token_lists: list[list[int]], V: int, device) -> torch.Tensor:
+    """float32 [rows, V]: how often each token occurs in each row's list, built with one copy to the
+    device and one scatter (not a launch per row). Padding goes to an extra column that is cut off."""
+    width = max(len(t) for t in token_lists)
+    ids = torch.tensor([t + [V] * (width - len(t)) for t in token_lists], dtype=torch.int64, device=device)
+    counts = torch.zeros(len(token_lists), V + 1, dtype=torch.float32, device=device)
+    return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))[:, :V]
+
+
 def _penalize(logits: torch.Tensor, reqs: list[Request]) -> None:
-    V = logits.shape[-1]
-    for i, r in enumerate(reqs):
-        p = r.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.zeros(V, dtype=torch.bool, device=logits.device)
-            seen[torch.tensor(r.all_token_ids, device=logits.device)] = True
-            row = logits[i]
-            row[seen] = torch.where(row[seen] > 0, row[seen] / p.repetition_penalty,
-                                    row[seen] * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
-            counts = torch.bincount(torch.tensor(r.output_token_ids, device=logits.device), minlength=V)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    """Repetition (prompt and output tokens), presence and frequency (output tokens) penalties,
+    batched over the rows that ask for them."""
+    V, dev = logits.shape[-1], logits.device
+    rep = [i for i, r in enumerate(reqs) if r.params.repetition_penalty != 1.0]
+    if rep:
+        idx = torch.tensor(rep, device=dev)
+        seen = _counts([reqs[i].all_token_ids for i in rep], V, dev) > 0
+        pen = torch.tensor([reqs[i].params.repetition_penalty for i in rep], device=dev).unsqueeze(1)
+        sub = logits[idx]
+        logits[idx] = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+    pf = [i for i, r in enumerate(reqs)
+          if (r.params.presence_penalty or r.params.frequency_penalty) and r.output_token_ids]
+    if pf:
+        idx = torch.tensor(pf, device=dev)
+        counts = _counts([reqs[i].output_token_ids for i in pf], V, dev)
+        freq = torch.tensor([reqs[i].params.frequency_penalty for i in pf], device=dev).unsqueeze(1)
+        pres = torch.tensor([reqs[i].params.presence_penalty for i in pf], device=dev).unsqueeze(1)
+        logits[idx] -= freq * counts + pres * (counts > 0)
 
 
 def _ban_stops_before_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> None:
