@@ -8,7 +8,7 @@ from typing import Any
 
 from .harmony import ToolCall, parse_completion, render_chat, stop_token_ids
 from .outputs import CompletionOutput
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, check_json_schema
 
 REASONING_EFFORTS = ("low", "medium", "high")
 
@@ -31,6 +31,8 @@ def _tool_names(tools) -> list[str]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise ValueError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
                              f"'parameters': {{...}}}}}}")
+        if fn.get("parameters") is not None:  # the server checks the same; the library must too
+            check_json_schema(fn["parameters"], f"tools[{i}].function.parameters")
         names.append(fn["name"])
     return names
 

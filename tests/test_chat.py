@@ -81,3 +81,13 @@ def test_bad_chat_requests(tiny_llm, kw, needle):
     with pytest.raises(ValueError, match=needle):
         tiny_llm.chat(MSGS, SamplingParams(max_tokens=8), **kw)
     assert not tiny_llm.engine.has_unfinished()
+
+
+def test_too_deep_tool_schema_is_refused_by_the_library(tiny_llm):
+    deep = {"type": "object"}
+    for _ in range(80):
+        deep = {"type": "object", "properties": {"x": deep}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": deep}}
+    with pytest.raises(ValueError, match=r"tools\[0\]\.function\.parameters is nested more than"):
+        tiny_llm.chat(MSGS, SamplingParams(max_tokens=4), tools=[tool])
+    assert not tiny_llm.engine.has_unfinished()

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from gptoss.harmony import encoding as E  # noqa: E402
 from gptoss.harmony.grammar import (GrammarCompiler, GrammarError, GrammarLimits,  # noqa: E402
                                     allocate_bitmask, apply_bitmask, default_reasoning_budget,
-                                    reasoning_close_tokens)
+                                    reasoning_close_tokens, _strict_bounded_strings)
 from gptoss.harmony.parser import StreamingParser, parse_completion  # noqa: E402
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -216,3 +216,17 @@ def test_size_limits(compiler):
     with pytest.raises(GrammarError, match="2 tools; the limit is 1"):
         small.compile_request(tools=[WEATHER, TIME])
     assert isinstance(GrammarError("x"), ValueError)
+
+
+@pytest.mark.parametrize("text,ok", [
+    (b"ab", True), ("\u05e9\u05e8".encode(), True), ("\u0800".encode(), True), ("\U0001f600".encode(), True),
+    (b"\x7f", True), (b"abcd", False),  # maxLength 3
+    (b"\xe0\x83\x93", False),            # an overlong encoding (it decodes to three U+FFFD)
+    (b"\xed\xa0\x80", False),            # a UTF-16 surrogate
+    (b"\xf0\x80\x80\x80", False), (b"\xf4\x90\x80\x80", False), (b"\t", False), (b'\\"', False)])
+def test_bounded_strings_admit_only_well_formed_utf8(text, ok):
+    import xgrammar as xgr
+    schema = _strict_bounded_strings({"type": "object", "properties": {"c": {"type": "string", "maxLength": 3}},
+                                      "required": ["c"]})
+    g = xgr.GrammarCompiler(xgr.TokenizerInfo([b"a"])).compile_json_schema(json.dumps(schema), any_whitespace=False)
+    assert xgr.GrammarMatcher(g).accept_string(b'{"c": "' + text + b'"}') is ok

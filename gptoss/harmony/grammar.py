@@ -253,10 +253,17 @@ class GrammarCompiler:
         return chosen
 
 
+# one JSON string character that needs no escape, as well-formed UTF-8: a range per encoded length,
+# because xgrammar expands one wide class ([^...] or \u0080-\uffff) into byte ranges that also
+# admit overlong forms and surrogates (E0 83 93 passed), which decode to three U+FFFD characters
+_JSON_CHAR = r"(?:[ !#-\[\]-\x7f]|[\u0080-\u07ff]|[\u0800-\ud7ff]|[\ue000-\uffff]|[\u{10000}-\u{10ffff}])"
+
+
 def _strict_bounded_strings(schema: Any) -> Any:
     r"""xgrammar 0.2.8 spells a string with minLength/maxLength as `[^"\\\r\n]{m,n}`, which lets raw
-    control characters (a tab, say) into the string: not JSON that strict parsers accept. The same
-    bound as a pattern over the characters JSON allows unescaped keeps the output valid."""
+    control characters (a tab, say) and malformed UTF-8 into the string: not JSON that strict parsers
+    accept, and a length the decoded text can exceed. The same bound over well-formed characters that
+    JSON allows unescaped keeps the output valid."""
     if isinstance(schema, list):
         return [_strict_bounded_strings(s) for s in schema]
     if not isinstance(schema, dict):
@@ -265,7 +272,7 @@ def _strict_bounded_strings(schema: Any) -> Any:
     bounded = "minLength" in out or "maxLength" in out
     if out.get("type") == "string" and bounded and not {"pattern", "format", "enum", "const"} & out.keys():
         lo, hi = int(out.pop("minLength", 0)), out.pop("maxLength", None)
-        out["pattern"] = "^[^\\x00-\\x1f\"\\\\]{%d,%s}$" % (lo, "" if hi is None else int(hi))
+        out["pattern"] = "^%s{%d,%s}$" % (_JSON_CHAR, lo, "" if hi is None else int(hi))
     return out
 
 
