@@ -19,6 +19,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one batch")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs to split the model over (one worker process per extra GPU)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size N: whole experts per GPU instead of slices of each")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.90,
                    help="fraction of GPU memory for weights, activations and KV cache")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None,
@@ -28,7 +32,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _engine_kwargs(a) -> dict:
     return dict(moe_backend=a.moe_backend, kv_cache_dtype=a.kv_cache_dtype, dtype=a.dtype, device=a.device,
                 max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
-                gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_memory_bytes=a.kv_cache_memory_bytes)
+                gpu_memory_utilization=a.gpu_memory_utilization, kv_cache_memory_bytes=a.kv_cache_memory_bytes,
+                tensor_parallel_size=a.tensor_parallel_size, enable_expert_parallel=a.enable_expert_parallel)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -247,7 +252,7 @@ def cmd_serve(a) -> int:
     run_server(a.model, host=a.host, port=a.port, api_key=a.api_key, served_model_name=a.served_model_name,
                max_queued_requests=a.max_queued_requests, max_request_bytes=a.max_request_bytes,
                allowed_origins=a.allowed_origins, log_requests=a.log_requests, log_level=a.log_level,
-               **_engine_kwargs(a))
+               max_header_bytes=a.max_header_bytes, **_engine_kwargs(a))
     return 0
 
 
@@ -261,7 +266,7 @@ def cmd_bench(a) -> int:
     modes = ("latency", "throughput") if a.mode == "all" else (a.mode,)
     res = run_bench(llm, output_len=a.output_len, ttft_prompt_len=a.ttft_prompt_len,
                     concurrencies=a.concurrency, input_len=a.input_len, throughput_output_len=a.output_len,
-                    runs=a.runs, modes=modes)
+                    runs=a.runs, modes=modes, long_context=a.long_context, long_batch=a.long_batch)
     settings = {"model": a.model, "moe_backend": llm.engine.moe_backend, "dtype": str(llm.engine.dtype),
                 "kv_cache_dtype": a.kv_cache_dtype, "cuda_graphs": getattr(llm.engine, "cuda_graphs", False),
                 "runs": a.runs}
@@ -320,9 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most sequences waiting for the engine; more requests get 503 until the queue drains")
     s.add_argument("--max-request-bytes", type=int, default=16 << 20,
                    help="largest request body accepted; bigger ones get 413")
+    s.add_argument("--max-header-bytes", type=int, default=32 << 10,
+                   help="largest total size of a request's headers; bigger ones get 431")
     s.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
                    help="enable CORS for these browser origins (e.g. http://localhost:3000); off by default")
-    s.add_argument("--log-requests", action="store_true",
+    s.add_argument("--log-prompts", "--log-requests", dest="log_requests", action="store_true",
                    help="log each request's prompt and parameters (off by default: prompts are user data)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level (uvicorn access log included)")
@@ -343,8 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(output tokens/s at each concurrency) on random prompts, medians over "
                                     "--runs runs, as one table with the device and the settings.")
     _add_engine_args(be)
-    be.add_argument("--mode", default="all", choices=["all", "latency", "throughput"],
-                    help="which figures to measure")
+    be.add_argument("--mode", default="all", choices=["all", "latency", "throughput", "long_decode"],
+                    help="which figures to measure (long_decode: decode speed of --long-batch sequences that "
+                         "each hold --long-context tokens of KV; the context is allocated, not prefilled)")
+    be.add_argument("--long-context", type=int, default=32768, help="KV tokens per sequence for long_decode")
+    be.add_argument("--long-batch", type=int, default=64, help="sequences for long_decode")
     be.add_argument("--input-len", type=int, default=1024, help="prompt tokens per throughput request")
     be.add_argument("--output-len", type=int, default=1024,
                     help="tokens generated per request (EOS ignored), for decode and throughput")

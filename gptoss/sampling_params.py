@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64
+# every generated token is checked against the list: a huge one would slow the whole batch
+MAX_STOP_TOKEN_IDS = 1024
 MAX_SEED = 2 ** 63 - 1
+# nesting of objects / arrays in a JSON schema; real schemas stay far below, and deeper ones
+# overflow the recursion of the JSON encoder and the grammar compiler
+MAX_SCHEMA_DEPTH = 64
 
 
 class SamplingParamsError(ValueError):
@@ -30,6 +37,45 @@ def _num(name, v, lo=None, hi=None, lo_open=False, hi_open=False, integer=False)
         rng = f" in {lo_s}, {hi_s}" if lo is not None and hi is not None else (
             f" {'>' if lo_open else '>='} {lo}" if lo is not None else "")
         raise SamplingParamsError(f"{name}={v!r} must be {kind}{rng}")
+
+
+def _depth(value) -> int:
+    """Nesting depth of dicts and lists, without recursion (so any depth is measured safely)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, Mapping):
+            items = v.values()
+        elif isinstance(v, (list, tuple)):
+            items = v
+        else:
+            continue
+        deepest = max(deepest, d)
+        if deepest > MAX_SCHEMA_DEPTH:
+            break  # the answer is "too deep" already
+        stack.extend((x, d + 1) for x in items)
+    return deepest
+
+
+def check_json_schema(schema, what: str = "json_schema") -> None:
+    """A JSON schema (dict, bool, or its JSON text) no deeper than MAX_SCHEMA_DEPTH; raises
+    SamplingParamsError naming `what` otherwise. Shared by SamplingParams and the server's tool and
+    response_format schemas."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except RecursionError:
+            raise SamplingParamsError(f"{what} is nested more than {MAX_SCHEMA_DEPTH} levels deep; at most "
+                                      f"{MAX_SCHEMA_DEPTH} are allowed") from None
+        except ValueError as e:
+            raise SamplingParamsError(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(schema, (Mapping, bool)):
+        raise SamplingParamsError(f"{what} must be a JSON schema object (a dict, or its JSON text), got "
+                                  f"{type(schema).__name__}")
+    depth = _depth(schema)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise SamplingParamsError(f"{what} is nested more than {MAX_SCHEMA_DEPTH} levels deep (objects and "
+                                  f"arrays); at most {MAX_SCHEMA_DEPTH} are allowed")
 
 
 @dataclass(slots=True)
@@ -79,6 +125,9 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise SamplingParamsError(f"stop strings must be non-empty strings, got {s!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise SamplingParamsError(f"stop_token_ids has {len(self.stop_token_ids)} ids; at most "
+                                      f"{MAX_STOP_TOKEN_IDS} are allowed")
         for t in self.stop_token_ids:
             _num("stop_token_ids entry", t, 0, integer=True)
         if self.logprobs is not None:
@@ -86,6 +135,8 @@ class SamplingParams:
         _num("presence_penalty", self.presence_penalty, -2, 2)
         _num("frequency_penalty", self.frequency_penalty, -2, 2)
         _num("repetition_penalty", self.repetition_penalty, 0, lo_open=True)
+        if self.json_schema is not None:
+            check_json_schema(self.json_schema)
         if self.reasoning_budget is not None:
             _num("reasoning_budget", self.reasoning_budget, 0, integer=True)
 

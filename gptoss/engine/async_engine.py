@@ -83,9 +83,11 @@ class AsyncLLM:
         queue: asyncio.Queue = asyncio.Queue()
         rid = request_id or f"req-{next(self._ids)}"
         with self._turn():
-            if self.max_queued_requests is not None and self.num_waiting() >= self.max_queued_requests:
-                raise QueueFullError(f"{self.num_waiting()} requests are already waiting "
-                                     f"(max_queued_requests={self.max_queued_requests})")
+            # a request queues its n samples at once: all of them must fit
+            waiting, limit = self.num_waiting(), self.max_queued_requests
+            if limit is not None and waiting + params.n > limit:
+                raise QueueFullError(f"{waiting} sequences are already waiting and this request adds {params.n} "
+                                     f"(max_queued_requests={limit})")
             if rid in self._streams:
                 raise ValueError(f"request id {rid!r} is already in use")
             reqs = self.engine.add_request(prompt_token_ids, params, rid)  # raises on bad input

@@ -6,7 +6,8 @@
     GET  /health                200 while the engine runs, 503 when it does not
     GET  /metrics               Prometheus text
 
-A request travels: body (size-limited) -> protocol.parse_request (400 naming the param) -> model
+A request travels: headers and URL (size-limited: 431 / 414) -> body (size-limited: 413; UTF-8) ->
+protocol.parse_request (400 naming the param) -> model
 name (404) -> SamplingParams (400) -> chat.prepare_chat (400) -> context-length check (400) ->
 AsyncLLM.generate (503 when its queue is full). Streaming answers start only after the first
 output, so every error above is a proper status, not an error inside an SSE stream. A client that
@@ -43,6 +44,11 @@ from .protocol import RequestError
 log = logging.getLogger("gptoss.serve")
 
 DEFAULT_MAX_REQUEST_BYTES = 16 << 20  # a full 128k-token context is ~0.5 MB of text; this leaves room
+# all header names and values together; a bearer key or a few cookies are far below it (nginx's
+# default buffers hold 32 KiB as well)
+DEFAULT_MAX_HEADER_BYTES = 32 << 10
+MAX_URL_BYTES = 8 << 10  # path and query; every route here has a short path and no query
+_MAX_WARNED_FIELDS = 64  # distinct ignored field names remembered (and logged) at most
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -178,6 +184,42 @@ class _SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+class _HeaderLimit:
+    """ASGI middleware: a request whose headers (431) or URL (414) are over the limit is answered
+    before any route runs. uvicorn's own parser limit is set above ours (see `_uvicorn_config`) so
+    that oversized headers get this clear answer instead of a dropped connection."""
+
+    def __init__(self, app, max_header_bytes: int, metrics: Metrics):
+        self.app, self.max_header_bytes, self.metrics = app, max_header_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = sum(len(k) + len(v) for k, v in scope["headers"])
+            url = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string") or b"")
+            problem = None
+            if size > self.max_header_bytes:
+                problem = (431, f"the request headers take {size} bytes; the server accepts at most "
+                                f"{self.max_header_bytes} (--max-header-bytes)", "request_headers_too_large")
+            elif url > MAX_URL_BYTES:
+                problem = (414, f"the request URL is {url} bytes long; at most {MAX_URL_BYTES} are accepted",
+                           "uri_too_long")
+            if problem is not None:
+                status, message, code = problem
+                self.metrics.errors[status] += 1
+                resp = JSONResponse(P.error_body(message, "invalid_request_error", None, code), status_code=status,
+                                    headers={"Connection": "close"})
+                return await resp(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _uvicorn_config(app: FastAPI, **kw):
+    import uvicorn
+    # h11 answers 400 and drops a connection whose unparsed head outgrows this buffer; keep it well
+    # above our own limit so that _HeaderLimit answers 431 for all but absurd heads (over 1 MiB)
+    limit = getattr(app.state, "max_header_bytes", DEFAULT_MAX_HEADER_BYTES)
+    return uvicorn.Config(app, http="h11", h11_max_incomplete_event_size=max(4 * limit, 1 << 20), **kw)
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -236,6 +278,11 @@ class _Server:
             body += chunk
             if len(body) > limit:
                 raise too_big
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError(f"the request body is not valid UTF-8 (byte 0x{body[e.start]:02x} at offset "
+                               f"{e.start}); send JSON encoded as UTF-8", code="invalid_utf8") from None
         return bytes(body)
 
     def model_name(self, req) -> str:
@@ -247,8 +294,12 @@ class _Server:
         return req.model
 
     def warn_ignored(self, req) -> None:
-        new = [f for f in req.ignored_fields() if f not in self._warned]
+        # field names are client input: remember (and log) a bounded number, each cut short
+        if len(self._warned) >= _MAX_WARNED_FIELDS:
+            return
+        new = [f[:64] for f in req.ignored_fields() if f[:64] not in self._warned]
         if new:
+            new = new[:_MAX_WARNED_FIELDS - len(self._warned)]
             self._warned.update(new)
             log.warning("ignoring unsupported request field(s) %s", new)
 
@@ -421,8 +472,8 @@ class _Server:
             self.metrics.errors[500] += 1
             yield _sse(P.error_body(str(e), "server_error", None, "engine_error"))
         finally:
-            if not completed:  # the client left mid-stream
-                self.metrics.finished["abort"] += 1
+            if not completed:  # the client left mid-stream: its unfinished choices were aborted
+                self.metrics.finished["abort"] += done.count(False)
             await agen.aclose()
         yield "data: [DONE]\n\n"
 
@@ -526,6 +577,7 @@ class _Server:
             c["object"] = "text_completion"
             return _sse(c)
 
+        completed = False
         try:
             if echo:
                 for k, (text, ids, _) in enumerate(prompts):
@@ -556,15 +608,19 @@ class _Server:
             n_prompt = sum(len(ids) for _, ids, _ in prompts)
             n_gen = sum(len(c.token_ids) for out in lasts for c in out.outputs)
             self.metrics.request_done(n_prompt, n_gen, reasons, t0, t1)
+            completed = True
             if include_usage:
                 final = P.chat_chunk(rid, created, model, [], False)
                 final["object"] = "text_completion"
                 final["usage"] = P.usage(n_prompt, n_gen, sum(o.num_cached_tokens for o in lasts))
                 yield _sse(final)
         except (EngineDeadError, ValueError) as e:
+            completed = True
             self.metrics.errors[500] += 1
             yield _sse(P.error_body(str(e), "server_error", None, "engine_error"))
         finally:
+            if not completed:  # the client left mid-stream: its unfinished choices were aborted
+                self.metrics.finished["abort"] += len(prompts) * n - len(reasons)
             await merged.aclose()  # stops its pumps before the streams they read are closed
             for g in agens:
                 await g.aclose()
@@ -607,18 +663,21 @@ async def _merge(firsts, agens) -> AsyncIterator:
 
 def build_app(async_llm: AsyncLLM, served_model_name: str | list[str], api_key: str | None = None, *,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, allowed_origins: list[str] | None = None,
-              log_requests: bool = False, model_root: str | None = None) -> FastAPI:
+              log_requests: bool = False, model_root: str | None = None,
+              max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> FastAPI:
     """The FastAPI app serving `async_llm` under `served_model_name` (one name or several).
 
     api_key: when set, every /v1/* route needs `Authorization: Bearer KEY` (compared in constant
     time); /health and /metrics stay open. allowed_origins: enables CORS for those origins (off by
     default). log_requests: log prompts and parameters (off by default: prompts are user data).
+    max_request_bytes / max_header_bytes: larger bodies get 413, larger headers 431.
     """
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     if not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"served_model_name must be a non-empty name or list of names, got {served_model_name!r}")
-    if isinstance(max_request_bytes, bool) or not isinstance(max_request_bytes, int) or max_request_bytes < 1:
-        raise ValueError(f"max_request_bytes={max_request_bytes!r} must be an integer >= 1")
+    for name, v in (("max_request_bytes", max_request_bytes), ("max_header_bytes", max_header_bytes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be an integer >= 1")
     srv = _Server(async_llm, names, log_requests, max_request_bytes, model_root)
     key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
 
@@ -638,10 +697,15 @@ def build_app(async_llm: AsyncLLM, served_model_name: str | list[str], api_key: 
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
+    # added last, so it runs first: oversized heads never reach CORS or a route
+    app.add_middleware(_HeaderLimit, max_header_bytes=max_header_bytes, metrics=srv.metrics)
+    app.state.max_header_bytes = max_header_bytes
 
     def error_response(status: int, message: str, type_: str, param=None, code=None) -> JSONResponse:
         srv.metrics.errors[status] += 1
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if code == "queue_full":  # a full queue drains within seconds; say when to try again
+            headers = {"Retry-After": "1"}
         return JSONResponse(P.error_body(message, type_, param, code), status_code=status, headers=headers)
 
     @app.exception_handler(RequestError)
@@ -727,8 +791,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
     notebooks; the server stops when the block exits."""
     import uvicorn
     sock = _bind(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
-                                           lifespan="off"))
+    server = uvicorn.Server(_uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="gptoss-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -748,7 +811,8 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
 def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                served_model_name: str | list[str] | None = None, max_queued_requests: int | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, allowed_origins: list[str] | None = None,
-               log_requests: bool = False, log_level: str = "info", **engine_kwargs) -> None:
+               log_requests: bool = False, log_level: str = "info",
+               max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, **engine_kwargs) -> None:
     """Load `model`, start the engine and serve the OpenAI API until interrupted (Ctrl-C / SIGTERM)."""
     import sys
 
@@ -774,11 +838,12 @@ def run_server(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
     async_llm = AsyncLLM(eng, max_queued_requests=max_queued_requests)
     try:
         app = build_app(async_llm, served_model_name or [model], api_key, max_request_bytes=max_request_bytes,
-                        allowed_origins=allowed_origins, log_requests=log_requests, model_root=model)
+                        allowed_origins=allowed_origins, log_requests=log_requests, model_root=model,
+                        max_header_bytes=max_header_bytes)
         h = f"[{host}]" if ":" in host else host
         print(f"gptoss serve: model {app.state.server.names} at http://{h}:{sock.getsockname()[1]}/v1"
               f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10)).run(sockets=[sock])
+        uvicorn.Server(_uvicorn_config(app, log_level=log_level, timeout_graceful_shutdown=10)).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         print("gptoss serve: stopped", file=sys.stderr, flush=True)
     finally:

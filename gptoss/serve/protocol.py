@@ -16,11 +16,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..sampling_params import MAX_LOGPROBS
+from ..sampling_params import MAX_LOGPROBS, SamplingParamsError, check_json_schema
 
 _STRICT = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 # OpenAI's rule for function and schema names
 _NAME = r"^[A-Za-z0-9_-]{1,64}$"
+# sequences one /v1/completions request may start (prompts x n): a batch larger than the default
+# running batch would hold the queue for everyone else
+MAX_SEQUENCES_PER_REQUEST = 256
 
 
 class RequestError(ValueError):
@@ -71,11 +74,26 @@ class ChatMessage(_Model):
         return v
 
 
+def _schema_depth(v):
+    """The schema depth limit of SamplingParams, reported at the field that holds the schema."""
+    if v is not None:
+        try:
+            check_json_schema(v, "the schema")
+        except SamplingParamsError as e:
+            raise ValueError(str(e)) from None
+    return v
+
+
 class FunctionDefinition(_Model):
     name: str = Field(pattern=_NAME)
     description: str | None = None
     parameters: dict | None = None
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, v):
+        return _schema_depth(v)
 
 
 class ToolDefinition(_Model):
@@ -88,6 +106,11 @@ class JsonSchemaFormat(_Model):
     description: str | None = None
     schema_: dict | None = Field(default=None, alias="schema")
     strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema(cls, v):
+        return _schema_depth(v)
 
 
 class ResponseFormat(_Model):
@@ -231,6 +254,11 @@ class CompletionRequest(_Request):
         if self.echo and self.logprobs is not None:
             raise RequestError("echo with logprobs needs prompt logprobs, which gptoss does not compute",
                                "echo")
+        n_prompts = len(self.prompts())
+        if n_prompts > 1 and n_prompts * max(self.n, 1) > MAX_SEQUENCES_PER_REQUEST:
+            raise RequestError(f"{n_prompts} prompts x n={self.n} ask for {n_prompts * self.n} sequences; one "
+                               f"request may ask for at most {MAX_SEQUENCES_PER_REQUEST} (send several requests)",
+                               "prompt")
         return self
 
     def prompts(self) -> list[str | list[int]]:
