@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine.request import RequestStatus
 from .sampling_params import SamplingParams
 
 
@@ -88,6 +89,45 @@ def measure_throughput(llm, rng, concurrency: int, input_len: int, output_len: i
     return statistics.median(rates), 100 * host / max(total, 1e-9)
 
 
+def measure_long_decode(llm, rng, batch: int, context: int, steps: int, runs: int) -> float:
+    """Decode tokens/s of `batch` sequences that each already hold `context` tokens of KV.
+
+    Prefilling batch x 32k tokens would take minutes and measures prefill; decode speed does not
+    depend on the cached values, so the sequences are given their blocks directly, as if their
+    prompts had been computed (the cache holds whatever its memory holds), and only the last
+    prompt token and the `steps` decode steps run. Each step reads every sequence's whole context
+    in the full-attention layers, which is what the figure is about."""
+    eng = llm.engine
+    sch, pool = eng.scheduler, eng.pool
+    if sch.has_unfinished():
+        raise RuntimeError("long_decode needs an idle engine")
+    rates = []
+    for i in range(runs + 1):  # the first run warms up and is not counted
+        sp = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+        reqs = [r for p in _prompts(rng, batch, context) for r in eng.add_request(p["prompt_token_ids"], sp)]
+        for r in reqs:
+            sch.waiting.remove(r)
+            if not pool.allocate(r, context - 1):
+                for q in reqs:
+                    sch.finish(q, "abort")
+                raise ValueError(f"the KV cache holds {pool.num_usable_blocks * pool.block_size} tokens; "
+                                 f"{batch} x {context} do not fit (lower --long-batch or --long-context)")
+            r.num_computed_tokens = context - 1
+            pool.release_out_of_window(r)
+            r.status = RequestStatus.RUNNING
+            sch.running.append(r)
+        eng.step()  # the last prompt token of every sequence: their first sampled token
+        _sync()
+        t0 = time.perf_counter()
+        n = 0
+        while sch.has_unfinished():
+            n += len(eng.step())
+        _sync()
+        if i:
+            rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
 def copy_bandwidth_tbs() -> float | None:
     """Device-to-device copy bandwidth in TB/s (bytes read + written), the roofline's denominator."""
     if not torch.cuda.is_available():
@@ -126,7 +166,8 @@ def _say(r: BenchResult) -> BenchResult:
 
 
 def run_bench(llm, *, output_len: int, ttft_prompt_len: int, concurrencies: list[int], input_len: int,
-              throughput_output_len: int, runs: int, seed: int = 0, modes=("latency", "throughput")) -> list[BenchResult]:
+              throughput_output_len: int, runs: int, seed: int = 0, modes=("latency", "throughput"),
+              long_context: int = 32768, long_batch: int = 64) -> list[BenchResult]:
     rng = random.Random(seed)
     # warm up: compiles kernels and captures graphs outside the timings
     llm.generate(_prompts(rng, 2, 16), SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -147,6 +188,11 @@ def run_bench(llm, *, output_len: int, ttft_prompt_len: int, concurrencies: list
             res.append(_say(BenchResult(f"throughput c={c}", tps, "out tok/s",
                                         f"{input_len} in / {throughput_output_len} out, scheduler + "
                                         f"bookkeeping {host:.1f}% of step time")))
+    if "long_decode" in modes:
+        steps = min(output_len, 64)
+        res.append(_say(BenchResult(f"decode {long_batch} x {long_context} ctx",
+                                    measure_long_decode(llm, rng, long_batch, long_context, steps, runs),
+                                    "out tok/s", f"kv {'fp8' if llm.engine.kv_fp8 else llm.engine.kv_dtype}, {steps} steps")))
     return res
 
 
