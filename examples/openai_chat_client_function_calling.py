@@ -6,9 +6,16 @@
      answers from it.
 
     gptoss serve openai/gpt-oss-20b &
-    python examples/openai_chat_client_function_calling.py --prompt "What is the weather like in SF?"
+    python examples/openai_chat_client_function_calling.py --base-url http://127.0.0.1:8000/v1 \
+        --prompt "What is the weather like in SF?"
 
-Prints:
+Without --base-url the example serves a model itself, in this process (gptoss.serve.build_app on a
+free local port): --model names it, and without --model it is a tiny random checkpoint written to
+a temporary directory, so `python examples/openai_chat_client_function_calling.py --tool-choice
+required` runs offline on a CPU in seconds (the random model's words are random; the protocol is
+the real one). The in-process server needs the serve extra (pip install -e ".[serve]").
+
+With gpt-oss-20b it prints:
 
     [USER PROMPT] What is the weather like in SF?
     [RESPONSE 1] [COT] Need to call get_current_weather.
@@ -19,11 +26,19 @@ Prints:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from pathlib import Path
 
-from openai import OpenAI
+# offline: point openai-harmony at the vocabulary next to the repo, as tests/conftest.py does (only
+# the in-process server reads it)
+_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizer"
+if "TIKTOKEN_ENCODINGS_BASE" not in os.environ and _TOKENIZER.is_dir():
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(_TOKENIZER)
+
+from openai import OpenAI  # noqa: E402
 
 TOOLS = [
     {
@@ -85,24 +100,51 @@ def tool_choice_arg(value: str):
     return {"type": "function", "function": {"name": value}}
 
 
+@contextlib.contextmanager
+def local_server(model: str | None):
+    """Serve `model` (or a tiny random checkpoint) from this process; yields the /v1 base URL."""
+    from gptoss.engine.async_engine import AsyncLLM
+    from gptoss.serve import build_app, serve_in_thread
+    from gptoss.testing import llm_or_tiny
+    with contextlib.ExitStack() as stack:
+        llm = stack.enter_context(llm_or_tiny(model))
+        engine = AsyncLLM(llm.engine)  # steps the engine in a background thread, as `gptoss serve` does
+        stack.callback(engine.shutdown)
+        url = stack.enter_context(serve_in_thread(build_app(engine, model or "gpt-oss-tiny")))
+        yield f"{url}/v1"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Two-step function calling with a gptoss (or any OpenAI-compatible) "
                                             "server.")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="the server's /v1 URL")
+    p.add_argument("--base-url", default=None,
+                   help="a running server's /v1 URL, e.g. http://127.0.0.1:8000/v1 (default: serve --model "
+                        "in this process)")
+    p.add_argument("--model", default=None,
+                   help="with --base-url: the model name (default: the first one the server lists); without: "
+                        "the checkpoint to serve here (default: a tiny random one)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "EMPTY"),
                    help="the server's --api-key (default: $OPENAI_API_KEY, else 'EMPTY')")
-    p.add_argument("--model", default=None, help="model name (default: the first one the server lists)")
     p.add_argument("--prompt", default="What is the weather like in SF?", help="the user's question")
     p.add_argument("--tool-choice", default="auto", type=tool_choice_arg,
                    help="'auto' (the model decides), 'required' (it must call a function), 'none', or a "
                         "function name to force")
     p.add_argument("--reasoning-effort", default="low", choices=["low", "medium", "high"])
-    p.add_argument("--max-tokens", type=int, default=1024, help="most tokens per response")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens per response (default: 1024; 192 for the tiny random model)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for a reproducible run")
     a = p.parse_args(argv)
+    if a.max_tokens is None:
+        a.max_tokens = 192 if a.base_url is None and a.model is None else 1024
+    if a.base_url is not None:
+        return run(a, a.base_url, a.model)
+    with local_server(a.model) as base_url:
+        return run(a, base_url, None)
 
-    client = OpenAI(base_url=a.base_url, api_key=a.api_key)
-    model = a.model or client.models.list().data[0].id
+
+def run(a, base_url: str, model: str | None) -> int:
+    client = OpenAI(base_url=base_url, api_key=a.api_key)
+    model = model or client.models.list().data[0].id
     messages = [{"role": "user", "content": a.prompt}]
     print(f"[USER PROMPT] {a.prompt}")
 

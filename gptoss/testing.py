@@ -9,8 +9,10 @@ Weights are drawn so that activations stay in a realistic range: every projectio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -158,3 +160,17 @@ def make_checkpoint(path: str | os.PathLike, preset: str = "tiny", seed: int = 0
         json.dump({"bos_token_id": 199998, "eos_token_id": [200002, 199999, 200012],
                    "pad_token_id": 199999, "do_sample": True}, f, indent=2)
     return out
+
+
+@contextlib.contextmanager
+def llm_or_tiny(model: str | None = None, **kwargs):
+    """LLM(model, **kwargs); without a model, an LLM over a tiny random checkpoint in a temporary
+    directory (CPU, float32), removed afterwards: how the examples and notebooks run offline."""
+    from . import LLM
+    if model:
+        yield LLM(model, **kwargs)
+        return
+    with tempfile.TemporaryDirectory(prefix="gptoss-tiny-") as d:
+        path = make_checkpoint(d, preset="tiny", seed=0, device="cpu")
+        yield LLM(str(path), **{"dtype": "float32", "device": "cpu", "max_model_len": 1024, "progress": False,
+                                **kwargs})
