@@ -8,7 +8,6 @@ host memory stays near one tensor beyond the model itself, and the MXFP4 experts
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
