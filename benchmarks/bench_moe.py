@@ -120,7 +120,9 @@ def run_backends(args, spec, copy_tbs, gpu, best=None):
 # GemmOptions(block_n, block_k, num_warps, num_stages, swap_ab, split_k, prefetch)
 _G = GemmOptions
 _ASM = {"dec": ([16],
-                [_G(64, 128, 4, 3), _G(64, 128, 4, 4), _G(32, 128, 4, 3), _G(64, 128, 8, 3), _G(64, 64, 4, 3)],
+                [_G(64, 128, 4, 3), _G(64, 128, 4, 4), _G(32, 128, 4, 3), _G(64, 128, 8, 3), _G(64, 64, 4, 3),
+                 # split-K gate_up (then a bias + SwiGLU kernel): more programs for 1-16 rows per expert
+                 _G(64, 128, 4, 3, split_k=2), _G(64, 128, 4, 3, split_k=4), _G(32, 128, 4, 3, split_k=4)],
                 [_G(64, 128, 4, 1, split_k=2, prefetch=2), _G(64, 128, 4, 3, split_k=2),
                  _G(32, 128, 4, 3, split_k=2), _G(64, 128, 4, 3, split_k=4), _G(64, 64, 4, 3, split_k=2)]),
         "mid": ([64], [_G(128, 64, 4, 4)], [_G(128, 64, 4, 4), _G(128, 64, 8, 3)]),

@@ -221,7 +221,9 @@ def test_routing_every_token_on_one_expert(interp):
 def test_gemms_match_twins(interp, act, swap, layout_bk, fused, enc, prefetch):
     G, R = interp.gemm, interp.routing
     g = torch.Generator().manual_seed(7)
-    T, E, k, H, I = 5, 4, 2, 64, 96  # K = 96 is not a multiple of block_k 64: the masked tail
+    # K = 160 (gate_up) and 96 (down) are not multiples of block_k 64: the masked tails; with
+    # split_k 2 gate_up's K splits into 128 + 32, down's into 64 + 32
+    T, E, k, H, I = 5, 4, 2, 160, 96
     spec = MoESpec(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I)
     w = random_weights(spec, g)
     x = torch.randn(T, H, generator=g).bfloat16()
@@ -230,7 +232,8 @@ def test_gemms_match_twins(interp, act, swap, layout_bk, fused, enc, prefetch):
     w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, layout_bk, act == "fp8", enc)
     w2 = G.prepare_mxfp4_weight(w.down_blocks, w.down_scales, layout_bk, act == "fp8", enc)
     b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
-    o1 = G.GemmOptions(block_n=64, block_k=bk, swap_ab=swap, prefetch=prefetch)
+    # the "fused" cases split K in both GEMMs (partial sums in fp32 atomics)
+    o1 = G.GemmOptions(block_n=64, block_k=bk, swap_ab=swap, split_k=2 if fused else 1, prefetch=prefetch)
     o2 = G.GemmOptions(block_n=64, block_k=bk, swap_ab=swap, split_k=2 if fused else 1, prefetch=prefetch)
     x_amax = G.row_absmax(x) if act == "fp8" else None
     if x_amax is not None:
@@ -394,12 +397,12 @@ def test_gemms_match_twins_gpu(act, enc):
     w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, act == "fp8", enc)
     w2 = G.prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, act == "fp8", enc)
     b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
-    for swap, prefetch in ((False, 0), (True, 0), (False, 2)):
+    for swap, prefetch, split in ((False, 0, 1), (True, 0, 1), (False, 2, 1), (False, 0, 4)):
         if swap and enc == "bf16x2":
             with pytest.raises(ValueError, match="swap_ab"):
                 G.moe_gate_up(x, r, w1, b1, act, 1.702, 7.0, G.GemmOptions(swap_ab=True))
             continue
-        opts = G.GemmOptions(block_n=64, block_k=128, swap_ab=swap, prefetch=prefetch)
+        opts = G.GemmOptions(block_n=64, block_k=128, swap_ab=swap, prefetch=prefetch, split_k=split)
         x_amax = G.row_absmax(x) if act == "fp8" else None
         a, a_amax = G.moe_gate_up(x, r, w1, b1, act, 1.702, 7.0, opts, x_amax)
         a_t, a_amax_t = G.moe_gate_up_torch(x, r, w1, b1, act, 1.702, 7.0, opts, x_amax)
@@ -408,11 +411,11 @@ def test_gemms_match_twins_gpu(act, enc):
         # to float32 once per 128-deep step), so outputs land a little off the float32 twin
         # (seen on H100: max 1.0e-2 of max|a|, RMS 5.7e-4)
         tm, tr = (2e-2, 2e-3) if act == "fp8" else (5e-3, 5e-4)
-        assert em < tm and er < tr, (act, swap, prefetch, em, er)
-        y = G.moe_down(a, a_amax, r, w2, b2, act, opts, 0, E, False, torch.bfloat16)
-        y_t = G.moe_down_torch(a, a_amax, r, w2, b2, act, opts, 0, E, False, torch.bfloat16)
+        assert em < tm and er < tr, (act, swap, prefetch, split, em, er)
+        y = G.moe_down(a, a_amax, r, w2, b2, act, opts, 0, E, split > 1, torch.bfloat16)
+        y_t = G.moe_down_torch(a, a_amax, r, w2, b2, act, opts, 0, E, split > 1, torch.bfloat16)
         em, er = errors(y, y_t)
-        assert em < tm and er < tr, (act, swap, prefetch, em, er)
+        assert em < tm and er < tr, (act, swap, prefetch, split, em, er)
 
 
 @pytest.mark.gpu

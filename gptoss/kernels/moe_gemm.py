@@ -92,7 +92,8 @@ class GemmOptions:
     num_warps: int = 4
     num_stages: int = 3
     swap_ab: bool = False   # weights on the MMA's M side (few token rows per expert); not with "bf16x2"
-    split_k: int = 1        # moe_down only, with fused_combine (partial sums meet in the atomics)
+    split_k: int = 1        # K split over programs, partial sums meeting in fp32 atomics (moe_down: with
+                            # fused_combine; moe_gate_up: then a small kernel applies bias + SwiGLU)
     prefetch: int = 0       # 0, 1, 2: K steps loaded ahead in registers (besides num_stages)
 
 
@@ -472,37 +473,10 @@ def _row_scale(amax_ptr, amax_row, m_mask, n_amax, NA_PAD: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr,
-                    w_ptr, ws_ptr, wsh_ptr, wrs_ptr, b_ptr,
-                    sorted_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
-                    K, N, n_tiles_n,
-                    stride_we, stride_wn, stride_wkb, stride_se, stride_sn, stride_skb,
-                    alpha, limit,
-                    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
-                    DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + pid_m)
-    if e < 0:
-        return
-    row0 = tl.load(tile_row_ptr + pid_m)
-    row_end = tl.load(offsets_ptr + e + 1)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    m_mask = rows < row_end
-    tok = tl.load(sorted_ptr + rows, mask=m_mask, other=0) // TOP_K
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < N
-    e64 = e.to(tl.int64)
-    a_scale = tl.zeros((BLOCK_M,), tl.float32)
-    if ACT == 1:
-        a_scale = _row_scale(x_amax_ptr, tok, m_mask, 1, 2)
-    acc = _mainloop(x_ptr, tok.to(tl.int64) * stride_xt, m_mask, a_scale,
-                    w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
-                    n, n_mask, K, 0, K, stride_wn, stride_wkb, stride_sn, stride_skb,
-                    BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, DEQ_ASM, PREFETCH, INTERPRET)
-    if ACT == 1:
-        acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
+def _swiglu_store(acc, rows, m_mask, n, n_mask, e64, pid_n, b_ptr, a_ptr, a_amax_ptr, N, n_tiles_n, alpha, limit,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc [BM, BN] fp32 gate_up rows (without bias) -> bias, clamped SwiGLU, a [rows, I] (and, for
+    "fp8", this tile's row maxima of |a|)."""
     acc += tl.load(b_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
     # weight rows alternate gate, up: split the interleaved columns
     gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
@@ -519,6 +493,74 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr,
 
 
 @triton.jit
+def _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M: tl.constexpr):
+    """(local expert, its rows in grouped order, their mask) of an M tile; expert -1: an unused tile."""
+    e = tl.load(tile_expert_ptr + pid_m)
+    row0 = tl.load(tile_row_ptr + pid_m)
+    row_end = tl.load(offsets_ptr + tl.maximum(e, 0) + 1)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    return e, rows, rows < row_end
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr,
+                    w_ptr, ws_ptr, wsh_ptr, wrs_ptr, b_ptr,
+                    sorted_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                    K, N, n_tiles_n, k_per_split,
+                    stride_we, stride_wn, stride_wkb, stride_se, stride_sn, stride_skb,
+                    alpha, limit,
+                    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
+                    DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr,
+                    INTERPRET: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e, rows, m_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M)
+    if e < 0:
+        return
+    tok = tl.load(sorted_ptr + rows, mask=m_mask, other=0) // TOP_K
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    e64 = e.to(tl.int64)
+    a_scale = tl.zeros((BLOCK_M,), tl.float32)
+    if ACT == 1:
+        a_scale = _row_scale(x_amax_ptr, tok, m_mask, 1, 2)
+    k_lo = pid_k * k_per_split
+    acc = _mainloop(x_ptr, tok.to(tl.int64) * stride_xt, m_mask, a_scale,
+                    w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
+                    n, n_mask, K, k_lo, tl.minimum(k_lo + k_per_split, K), stride_wn, stride_wkb, stride_sn,
+                    stride_skb, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, DEQ_ASM, PREFETCH, INTERPRET)
+    if ACT == 1:
+        acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
+    if SPLIT_K > 1:
+        # partial sums over K meet in h [rows, N] (fp32, zeroed); _swiglu_kernel finishes the rows
+        tl.atomic_add(h_ptr + rows.to(tl.int64)[:, None] * N + n[None, :], acc,
+                      mask=m_mask[:, None] & n_mask[None, :], sem="relaxed")
+    else:
+        _swiglu_store(acc, rows, m_mask, n, n_mask, e64, pid_n, b_ptr, a_ptr, a_amax_ptr, N, n_tiles_n, alpha,
+                      limit, BLOCK_M, BLOCK_N, ACT, INTERPRET)
+
+
+@triton.jit
+def _swiglu_kernel(h_ptr, b_ptr, a_ptr, a_amax_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, N, n_tiles_n,
+                   alpha, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    # split-K gate_up's epilogue, over the same tiles so that "fp8" maxima land where moe_down reads them
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, rows, m_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M)
+    if e < 0:
+        return
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    acc = tl.load(h_ptr + rows.to(tl.int64)[:, None] * N + n[None, :], mask=m_mask[:, None] & n_mask[None, :],
+                  other=0.0)
+    _swiglu_store(acc, rows, m_mask, n, n_mask, e.to(tl.int64), pid_n, b_ptr, a_ptr, a_amax_ptr, N, n_tiles_n,
+                  alpha, limit, BLOCK_M, BLOCK_N, ACT, INTERPRET)
+
+
+@triton.jit
 def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
                  w_ptr, ws_ptr, wsh_ptr, wrs_ptr, b_ptr, topk_w_ptr,
                  sorted_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
@@ -531,13 +573,9 @@ def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    e = tl.load(tile_expert_ptr + pid_m)
+    e, rows, m_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M)
     if e < 0:
         return
-    row0 = tl.load(tile_row_ptr + pid_m)
-    row_end = tl.load(offsets_ptr + e + 1)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    m_mask = rows < row_end
     assign = tl.load(sorted_ptr + rows, mask=m_mask, other=0)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -640,8 +678,9 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
     """x [T, H] -> (a [T*k, I] in x.dtype, rows in routing's grouped order; for "fp8" also per-tile
     maxima of |a| [T*k, n_tiles] float32, else None). bias [E, 2I] float32; x_amax [T] for "fp8"."""
     _check_gemm(x, w, opts, act, "moe_gate_up")
-    if opts.block_n < 32 or opts.split_k != 1:
-        raise ValueError("moe_gate_up: block_n must be >= 32 (gate/up pairs) and split_k 1")
+    if opts.block_n < 32 or opts.split_k < 1:
+        raise ValueError(f"moe_gate_up: block_n={opts.block_n} must be >= 32 (gate/up pairs) and "
+                         f"split_k={opts.split_k} >= 1")
     if act == "fp8" and x_amax is None:
         raise ValueError("moe_gate_up: act='fp8' needs x_amax (row_absmax(x))")
     N, K, R = w.n, w.k, routing.num_tokens * routing.top_k
@@ -652,17 +691,27 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         return a, a_amax
     strides = w.strides(opts.block_k)
     dummy = w.scales
-    _gate_up_kernel[(routing.max_tiles, n_tiles_n)](
-        x, x.stride(0), a, a_amax if a_amax is not None else a, x_amax if x_amax is not None else a,
+    n_k_blocks = triton.cdiv(K, opts.block_k)
+    split = max(1, min(opts.split_k, n_k_blocks))
+    k_per_split = triton.cdiv(n_k_blocks, split) * opts.block_k
+    h = torch.zeros(R, N, dtype=torch.float32, device=x.device) if split > 1 else a
+    amax_or_a = a_amax if a_amax is not None else a
+    _gate_up_kernel[(routing.max_tiles, n_tiles_n, split)](
+        x, x.stride(0), a, amax_or_a, x_amax if x_amax is not None else a, h,
         w.data, w.scales, w.fp8_shift if act == "fp8" else dummy,
         w.fp8_row_scale if act == "fp8" else bias, bias,
         routing.sorted_assign, routing.expert_offsets, routing.tile_expert, routing.tile_row,
-        K, N, n_tiles_n, *strides, float(alpha), float(limit),
+        K, N, n_tiles_n, k_per_split, *strides, float(alpha), float(limit),
         TOP_K=routing.top_k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
         ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
         MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.encoding == "bf16x2",
-        PREFETCH=opts.prefetch,
+        PREFETCH=opts.prefetch, SPLIT_K=split,
         INTERPRET=INTERPRETED, num_warps=opts.num_warps, num_stages=opts.num_stages)
+    if split > 1:
+        _swiglu_kernel[(routing.max_tiles, n_tiles_n)](
+            h, bias, a, amax_or_a, routing.expert_offsets, routing.tile_expert, routing.tile_row, N, n_tiles_n,
+            float(alpha), float(limit), BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, ACT=ACTS[act],
+            INTERPRET=INTERPRETED, num_warps=4)
     return a, a_amax
 
 
