@@ -42,3 +42,11 @@ def test_every_command_has_help():
     for cmd in ("generate", "chat", "serve", "bench", "make-checkpoint", "backends"):
         r = run(cmd, "--help")
         assert r.returncode == 0 and "usage: gptoss" in r.stdout, cmd
+
+
+def test_parallel_flags_reach_the_engine(tiny_ckpt):
+    # 4 attention heads do not split over 3 ranks: refused before any worker starts, in one line
+    r = run("generate", str(tiny_ckpt), "hi", "--device", "cpu", "--tensor-parallel-size", "3",
+            "--enable-expert-parallel")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "tensor_parallel_size=3" in r.stderr, r.stderr
