@@ -43,7 +43,16 @@ class IncrementalDetokenizer:
         self._read = 0     # tokens whose text is already in self.text
 
     def add(self, token_ids: list[int]) -> str:
+        clean = self._read == len(self.tokens)  # no bytes held back from an earlier step
         self.tokens.extend(token_ids)
+        if clean:
+            # the common case: the new tokens are whole characters by themselves, and with nothing
+            # pending their text is the text of the whole list's tail (one decode instead of two)
+            piece = decode(token_ids)
+            if "\ufffd" not in piece:
+                self.text += piece
+                self._prefix, self._read = self._read, len(self.tokens)
+                return piece
         prefix_text = decode(self.tokens[self._prefix:self._read])
         full = decode(self.tokens[self._prefix:])
         if full.endswith("\ufffd") or len(full) <= len(prefix_text):
