@@ -231,10 +231,10 @@ class KVCacheManager:
     # --- prefix caching ------------------------------------------------------------------------------
     def _chain(self, req: Request, upto_blocks: int) -> list[tuple[int, tuple]]:
         """(hash, tokens) of req's first `upto_blocks` full blocks, extending req.block_hashes."""
-        bs, tokens, keys = self.block_size, req.all_token_ids, req.block_hashes
-        while len(keys) < upto_blocks:
+        bs, keys = self.block_size, req.block_hashes
+        while len(keys) < upto_blocks:  # most steps complete no block: nothing to build
             i = len(keys)
-            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            chunk = tuple(req.token_ids_between(i * bs, (i + 1) * bs))
             parent = keys[-1][0] if keys else 0
             keys.append((hash((parent, chunk)), chunk))
         return keys[:upto_blocks]

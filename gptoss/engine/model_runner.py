@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..model.gpt_oss import Transformer
@@ -28,33 +29,44 @@ class ModelRunner:
         self.generator.manual_seed(seed)
 
     def _pack(self, out: SchedulerOutput) -> tuple[list[int], torch.Tensor, list[Request]]:
-        """The whole step as one int64 tensor: one host-to-device copy, and one broadcast under TP."""
-        bs = self.block_size
-        ids, pos, slots, swa_slots, qsl, seq_lens, rows, samplers = [], [], [], [], [0], [], [], []
-        swa = bool(out.requests[0].swa_block_ids)  # the sliding layers have their own block group
-        for r in out.requests:
-            n = out.num_scheduled_tokens[r.request_id]
-            start = r.num_computed_tokens
-            ids.extend(r.all_token_ids[start:start + n])
-            p = range(start, start + n)
-            pos.extend(p)
-            slots.extend(r.block_ids[i // bs] * bs + i % bs for i in p)
+        """The whole step as one int64 tensor: one host-to-device copy, and one broadcast under TP.
+        Filled with numpy slice by slice: at 256 sequences of 2k tokens the block tables alone are
+        64k entries, which Python lists and torch.tensor(list) turned into ~8 ms of host time per step."""
+        bs, reqs = self.block_size, out.requests
+        swa = bool(reqs[0].swa_block_ids)  # the sliding layers have their own block group
+        B = len(reqs)
+        ns = [out.num_scheduled_tokens[r.request_id] for r in reqs]
+        starts = [r.num_computed_tokens for r in reqs]
+        T = sum(ns)
+        qsl = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(ns, out=qsl[1:])
+        ends = [s + n for s, n in zip(starts, ns)]
+        # a request caught up with its tokens samples its next one this step
+        samplers = [r for r, e in zip(reqs, ends) if e == r.num_tokens]
+        rows = [int(qsl[i + 1]) - 1 for i, (r, e) in enumerate(zip(reqs, ends)) if e == r.num_tokens]
+        S = len(rows)
+        width = max(len(r.block_ids) for r in reqs)
+        header = [T, B, width, S, max(ns), max(ends), int(swa)]
+        sizes = [HEADER, T, T, T, B + 1, B, S, B * width * (2 if swa else 1), T if swa else 0]
+        flat = np.zeros(sum(sizes), dtype=np.int64)
+        _, ids, pos, slots, qsl_out, seq_lens, rows_out, tables, swa_slots = np.split(flat, np.cumsum(sizes)[:-1])
+        flat[:HEADER] = header
+        qsl_out[:] = qsl
+        seq_lens[:] = ends
+        rows_out[:] = rows
+        tables = tables.reshape(-1, B, width)
+        for i, r in enumerate(reqs):
+            tables[0, i, :len(r.block_ids)] = r.block_ids
             if swa:
-                swa_slots.extend(r.swa_block_ids[i // bs] * bs + i % bs for i in p)
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(start + n)
-            if start + n == r.num_tokens:  # caught up with its tokens: this step samples its next one
-                rows.append(qsl[-1] - 1)
-                samplers.append(r)
-        width = max(len(r.block_ids) for r in out.requests)
-        tables = [b for r in out.requests for b in r.block_ids + [0] * (width - len(r.block_ids))]
+                tables[1, i, :len(r.swa_block_ids)] = r.swa_block_ids
+        ids[:] = [t for r, a, e in zip(reqs, starts, ends) for t in r.token_ids_between(a, e)]
+        seq = np.repeat(np.arange(B), ns)  # each token's sequence
+        pos[:] = np.arange(T) - np.repeat(qsl[:-1], ns) + np.repeat(starts, ns)
+        blk, off = pos // bs, pos % bs
+        slots[:] = tables[0, seq, blk] * bs + off
         if swa:
-            tables += [b for r in out.requests for b in r.swa_block_ids + [0] * (width - len(r.swa_block_ids))]
-        max_q = max(b - a for a, b in zip(qsl, qsl[1:]))
-        header = [len(ids), len(seq_lens), width, len(rows), max_q, max(seq_lens), int(swa)]
-        flat = torch.tensor(header + ids + pos + slots + qsl + seq_lens + rows + tables + swa_slots,
-                            dtype=torch.int64)
-        return header, flat.to(self.device, non_blocking=True), samplers
+            swa_slots[:] = tables[1, seq, blk] * bs + off
+        return header, torch.from_numpy(flat).to(self.device, non_blocking=True), samplers
 
     def unpack(self, header: list[int], flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         T, B, W, S, max_q, max_s, swa = header

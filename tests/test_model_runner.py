@@ -1,0 +1,64 @@
+"""The step packing (ModelRunner._pack / unpack) against a plain per-token reference."""
+
+import random
+
+import pytest
+import torch
+
+from gptoss.engine.model_runner import HEADER, ModelRunner
+from gptoss.engine.request import Request
+from gptoss.engine.scheduler import SchedulerOutput
+from gptoss.sampling_params import SamplingParams
+
+
+def _step(rng, swa: bool, bs: int = 4):
+    """A mixed step: a prefill chunk, a chunk that finishes its prompt, decodes, a sequence of one."""
+    out = SchedulerOutput()
+    for i, (n_prompt, n_out, computed, n) in enumerate([(30, 0, 8, 12), (9, 0, 4, 5), (7, 6, 12, 1),
+                                                         (50, 20, 69, 1), (1, 0, 0, 1)]):
+        r = Request(str(i), [rng.randrange(1000) for _ in range(n_prompt)], SamplingParams())
+        r.output_token_ids = [rng.randrange(1000) for _ in range(n_out)]
+        r.num_computed_tokens = computed
+        nb = -(-(computed + n) // bs)
+        r.block_ids = rng.sample(range(1, 500), nb)
+        if swa:
+            r.swa_block_ids = [0] * max(0, nb - 3) + rng.sample(range(1, 100), min(nb, 3))
+        out.requests.append(r)
+        out.num_scheduled_tokens[r.request_id] = n
+    return out
+
+
+@pytest.mark.parametrize("swa", [False, True])
+def test_pack_matches_a_per_token_reference(swa):
+    rng = random.Random(int(swa))
+    runner = object.__new__(ModelRunner)  # _pack / unpack need only these three
+    runner.block_size, runner.device, runner.kv_caches = 4, torch.device("cpu"), []
+    out = _step(rng, swa)
+    header, flat, samplers = runner._pack(out)
+    ids, pos, ctx = runner.unpack(header, flat)
+    want_ids, want_pos, want_slots, want_swa, qsl, rows = [], [], [], [], [0], []
+    for r in out.requests:
+        n, a = out.num_scheduled_tokens[r.request_id], r.num_computed_tokens
+        for p in range(a, a + n):
+            want_ids.append(r.all_token_ids[p])
+            want_pos.append(p)
+            want_slots.append(r.block_ids[p // 4] * 4 + p % 4)
+            if swa:
+                want_swa.append(r.swa_block_ids[p // 4] * 4 + p % 4)
+        qsl.append(qsl[-1] + n)
+        if a + n == r.num_tokens:
+            rows.append(qsl[-1] - 1)
+    assert ids.tolist() == want_ids and pos.tolist() == want_pos
+    assert ctx.slot_mapping.tolist() == want_slots
+    assert ctx.query_start_loc.tolist() == qsl and ctx.logits_indices.tolist() == rows
+    assert [r.request_id for r in samplers] == ["1", "2", "3", "4"]  # request 0 is mid-prompt
+    assert ctx.seq_lens.tolist() == [r.num_computed_tokens + out.num_scheduled_tokens[r.request_id]
+                                     for r in out.requests]
+    W = max(len(r.block_ids) for r in out.requests)
+    assert header[:HEADER] == [len(want_ids), 5, W, 4, 12, 70, int(swa)]
+    for i, r in enumerate(out.requests):
+        assert ctx.block_tables[i].tolist() == r.block_ids + [0] * (W - len(r.block_ids))
+        if swa:
+            assert ctx.swa_block_tables[i].tolist() == r.swa_block_ids + [0] * (W - len(r.swa_block_ids))
+            assert ctx.swa_slot_mapping.tolist() == want_swa
+    assert (ctx.swa_block_tables is None) == (not swa)
