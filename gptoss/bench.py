@@ -66,15 +66,16 @@ def measure_ttft(llm, rng, prompt_len: int, runs: int) -> float:
 
 
 def measure_throughput(llm, rng, concurrency: int, input_len: int, output_len: int, runs: int
-                       ) -> tuple[float, float]:
+                       ) -> tuple[float, float, float]:
     """(median output tokens/s with `concurrency` requests in flight, % of step time spent in the
-    scheduler and the per-token bookkeeping, i.e. on the host outside the model and sampler)."""
+    scheduler and the per-token bookkeeping, % spent packing the steps' inputs: the host's share
+    outside the model and sampler, in two parts)."""
     rates = []
     # a short warm-up at this concurrency compiles the kernels for its shapes
     llm.generate(_prompts(rng, concurrency, input_len), SamplingParams(max_tokens=4, ignore_eos=True),
                  use_tqdm=False)
-    st = llm.engine.step_times
-    before = dict(st)
+    st, runner = llm.engine.step_times, llm.engine.runner
+    before, pack_before = dict(st), runner.pack_seconds
     for _ in range(runs):
         sp = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         prompts = _prompts(rng, concurrency, input_len)
@@ -85,8 +86,8 @@ def measure_throughput(llm, rng, concurrency: int, input_len: int, output_len: i
         dt = time.perf_counter() - t0
         rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / dt)
     host = st["schedule"] - before["schedule"] + st["update"] - before["update"]
-    total = host + st["execute"] - before["execute"]
-    return statistics.median(rates), 100 * host / max(total, 1e-9)
+    total = max(host + st["execute"] - before["execute"], 1e-9)
+    return statistics.median(rates), 100 * host / total, 100 * (runner.pack_seconds - pack_before) / total
 
 
 def measure_long_decode(llm, rng, batch: int, context: int, steps: int, runs: int) -> float:
@@ -184,10 +185,10 @@ def run_bench(llm, *, output_len: int, ttft_prompt_len: int, concurrencies: list
                                     measure_ttft(llm, rng, ttft_prompt_len, runs), "ms", "batch 1, cold cache")))
     if "throughput" in modes:
         for c in concurrencies:
-            tps, host = measure_throughput(llm, rng, c, input_len, throughput_output_len, runs)
+            tps, host, pack = measure_throughput(llm, rng, c, input_len, throughput_output_len, runs)
             res.append(_say(BenchResult(f"throughput c={c}", tps, "out tok/s",
-                                        f"{input_len} in / {throughput_output_len} out, scheduler + "
-                                        f"bookkeeping {host:.1f}% of step time")))
+                                        f"{input_len} in / {throughput_output_len} out, host: scheduler + "
+                                        f"bookkeeping {host:.1f}%, step packing {pack:.1f}% of step time")))
     if "long_decode" in modes:
         steps = min(output_len, 64)
         res.append(_say(BenchResult(f"decode {long_batch} x {long_context} ctx",

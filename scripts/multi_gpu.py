@@ -58,10 +58,10 @@ def run(a) -> None:
         print(f"{label}: decode batch 1 {rate:.1f} tok/s ({ms:.2f} ms/token)", flush=True)
     for c in a.concurrency:
         t0 = time.perf_counter()
-        tps, host = measure_throughput(llm, rng, c, 1024, 1024, 1)
+        tps, host, pack = measure_throughput(llm, rng, c, 1024, 1024, 1)
         res[f"throughput_c{c}"] = tps
         save()
-        print(f"{label}: throughput c={c} 1k/1k {tps:.0f} out tok/s (host {host:.1f}%, "
+        print(f"{label}: throughput c={c} 1k/1k {tps:.0f} out tok/s (host {host:.1f}% + packing {pack:.1f}%, "
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
     llm.engine.shutdown()
 

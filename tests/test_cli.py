@@ -26,7 +26,8 @@ def test_bench_prints_a_table(tiny_ckpt):
     r = run("bench", str(tiny_ckpt), "--device", "cpu", "--output-len", "4", "--input-len", "8",
             "--ttft-prompt-len", "16", "--concurrency", "1", "2", "--runs", "1", "--max-model-len", "256")
     assert r.returncode == 0, r.stderr
-    for needle in ("device: CPU", "decode batch 1", "TTFT 16-token prompt", "throughput c=2", "tok/s"):
+    for needle in ("device: CPU", "decode batch 1", "TTFT 16-token prompt", "throughput c=2", "tok/s",
+                   "step packing"):
         assert needle in r.stdout, r.stdout
 
 

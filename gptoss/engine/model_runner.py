@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -25,6 +27,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.group = group  # tensor-parallel worker group (rank 0 only), or None
         self.graphs = None  # DecodeGraphs once captured
+        self.pack_seconds = 0.0  # host time spent packing steps, over the runner's life (gptoss bench)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
@@ -99,7 +102,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
+        t0 = time.perf_counter()
         header, flat, samplers = self._pack(out)
+        self.pack_seconds += time.perf_counter() - t0
         if self.group is not None:
             self.group.send_step(header, flat)
         result, ctx = self.forward(header, flat)
