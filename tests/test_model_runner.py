@@ -62,3 +62,38 @@ def test_pack_matches_a_per_token_reference(swa):
             assert ctx.swa_block_tables[i].tolist() == r.swa_block_ids + [0] * (W - len(r.swa_block_ids))
             assert ctx.swa_slot_mapping.tolist() == want_swa
     assert (ctx.swa_block_tables is None) == (not swa)
+
+
+def test_cached_tables_follow_every_change_the_kv_manager_makes():
+    from gptoss.engine.kv_cache import KVCacheManager
+    runner = object.__new__(ModelRunner)
+    runner.block_size, runner.device, runner.kv_caches = 4, torch.device("cpu"), []
+    pool = KVCacheManager(64, 4, enable_prefix_caching=True, window=8, num_swa_blocks=32)
+    r = Request("r", list(range(100, 130)), SamplingParams())
+
+    def tables_match():
+        out = SchedulerOutput()
+        out.requests.append(r)
+        out.num_scheduled_tokens[r.request_id] = 1
+        _, _, ctx = runner.unpack(*runner._pack(out)[:2])
+        W = len(r.block_ids)
+        assert ctx.block_tables[0].tolist() == r.block_ids
+        assert ctx.swa_block_tables[0].tolist() == r.swa_block_ids + [0] * (W - len(r.swa_block_ids))
+
+    assert pool.allocate(r, 21)
+    r.num_computed_tokens = 20
+    tables_match()
+    pool.release_out_of_window(r)  # zeroes the sliding blocks before the window, in place
+    assert 0 in r.swa_block_ids
+    tables_match()
+    assert pool.allocate(r, 9)  # grows both tables
+    r.num_computed_tokens = 28
+    tables_match()
+    r.num_computed_tokens = 29
+    pool.cache_full_blocks(r)
+    pool.free(r)  # preempted: all blocks back, then the prefix found again
+    r.num_computed_tokens = 0
+    assert pool.match_prefix(r) > 0 and pool.allocate(r, r.num_tokens - r.num_computed_tokens)
+    r.num_computed_tokens = r.num_tokens - 1
+    tables_match()
+    pool.free(r)

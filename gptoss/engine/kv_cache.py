@@ -200,9 +200,11 @@ class KVCacheManager:
         need_swa = total - len(req.swa_block_ids) if self.swa else 0
         if need > self.full.num_free_blocks or (self.swa and need_swa > self.swa.num_free_blocks):
             return False
-        req.block_ids.extend(self.full.take(max(0, need)))
-        if self.swa:
-            req.swa_block_ids.extend(self.swa.take(max(0, need_swa)))
+        if need > 0 or need_swa > 0:
+            req.block_ids.extend(self.full.take(max(0, need)))
+            if self.swa:
+                req.swa_block_ids.extend(self.swa.take(max(0, need_swa)))
+            req.kv_version += 1
         return True
 
     def free(self, req: Request) -> None:
@@ -211,6 +213,7 @@ class KVCacheManager:
         if self.swa:
             self.swa.release(reversed(req.swa_block_ids))
             req.swa_block_ids = []
+        req.kv_version += 1
 
     def _window_start_block(self, next_pos: int) -> int:
         """First block a query at next_pos (or later) can still see on a sliding layer."""
@@ -227,6 +230,7 @@ class KVCacheManager:
                 break  # everything before was released earlier
             self.swa.release([table[i]])
             table[i] = 0
+            req.kv_version += 1
 
     # --- prefix caching ------------------------------------------------------------------------------
     def _chain(self, req: Request, upto_blocks: int) -> list[tuple[int, tuple]]:
@@ -268,6 +272,7 @@ class KVCacheManager:
                 if bid:
                     self.swa.share(bid)
             req.swa_block_ids = swa[:n] if n else []
+        req.kv_version += 1
         req.num_computed_tokens = n * bs
         return req.num_computed_tokens
 

@@ -18,6 +18,16 @@ from .scheduler import SchedulerOutput
 HEADER = 7  # T, B, table width, rows to unembed, max query len, max seq len, has sliding tables
 
 
+def _tables_of(r: Request) -> tuple[np.ndarray, np.ndarray]:
+    """r's block lists as int64 arrays, rebuilt only when the KV cache manager changed them (every
+    block_size tokens in decode), so a step copies arrays instead of converting long lists."""
+    c = r.kv_tables
+    if c is None or c[0] != r.kv_version or len(c[1]) != len(r.block_ids) or len(c[2]) != len(r.swa_block_ids):
+        c = r.kv_tables = (r.kv_version, np.array(r.block_ids, dtype=np.int64),
+                           np.array(r.swa_block_ids, dtype=np.int64))
+    return c[1], c[2]
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, kv_caches: list[LayerKVCache], block_size: int, device,
                  seed: int = 0, group=None):
@@ -59,9 +69,10 @@ class ModelRunner:
         rows_out[:] = rows
         tables = tables.reshape(-1, B, width)
         for i, r in enumerate(reqs):
-            tables[0, i, :len(r.block_ids)] = r.block_ids
+            full, sliding = _tables_of(r)
+            tables[0, i, :len(full)] = full
             if swa:
-                tables[1, i, :len(r.swa_block_ids)] = r.swa_block_ids
+                tables[1, i, :len(sliding)] = sliding
         ids[:] = [t for r, a, e in zip(reqs, starts, ends) for t in r.token_ids_between(a, e)]
         seq = np.repeat(np.arange(B), ns)  # each token's sequence
         pos[:] = np.arange(T) - np.repeat(qsl[:-1], ns) + np.repeat(starts, ns)

@@ -34,6 +34,8 @@ class Request:
     block_ids: list[int] = field(default_factory=list)        # full-attention layers' blocks
     swa_block_ids: list[int] = field(default_factory=list)    # sliding layers' (0 once out of window)
     block_hashes: list = field(default_factory=list)  # (hash, tokens) of each full block, by the pool
+    kv_version: int = 0  # bumped by the KV cache manager whenever it changes either block list
+    kv_tables: tuple | None = field(default=None, repr=False)  # (kv_version, int64 arrays), for the runner
     generator: torch.Generator | None = None
     grammar: object | None = None  # a RequestGrammar when the output is constrained
     detok: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
