@@ -108,13 +108,16 @@ def measure_long_decode(llm, rng, batch: int, context: int, steps: int, runs: in
         reqs = [r for p in _prompts(rng, batch, context) for r in eng.add_request(p["prompt_token_ids"], sp)]
         for r in reqs:
             sch.waiting.remove(r)
-            if not pool.allocate(r, context - 1):
-                for q in reqs:
-                    sch.finish(q, "abort")
-                raise ValueError(f"the KV cache holds {pool.num_usable_blocks * pool.block_size} tokens; "
-                                 f"{batch} x {context} do not fit (lower --long-batch or --long-context)")
-            r.num_computed_tokens = context - 1
-            pool.release_out_of_window(r)
+            # chunk by chunk, as a prefill would go, so the sliding group only ever holds the window
+            while r.num_computed_tokens < context - 1:
+                n = min(eng.max_num_batched_tokens, context - 1 - r.num_computed_tokens)
+                if not pool.allocate(r, n):
+                    for q in reqs:
+                        sch.finish(q, "abort")
+                    raise ValueError(f"the KV cache holds {pool.num_usable_blocks * pool.block_size} tokens; "
+                                     f"{batch} x {context} do not fit (lower --long-batch or --long-context)")
+                r.num_computed_tokens += n
+                pool.release_out_of_window(r)
             r.status = RequestStatus.RUNNING
             sch.running.append(r)
         eng.step()  # the last prompt token of every sequence: their first sampled token

@@ -17,6 +17,15 @@ def test_long_decode_runs_only_the_decode_and_frees_everything(tiny_llm):
     assert not eng.has_unfinished() and eng.pool.all_free
 
 
+def test_long_decode_sliding_group_holds_only_the_window(tiny_llm):
+    # more sequences x context than the sliding group's blocks: fine, since it keeps only the window
+    eng = tiny_llm.engine
+    batch, context = 16, 1000
+    assert batch * -(-context // eng.block_size) > eng.pool.swa.num_usable_blocks
+    assert measure_long_decode(tiny_llm, random.Random(1), batch=batch, context=context, steps=2, runs=1) > 0
+    assert not eng.has_unfinished() and eng.pool.all_free
+
+
 def test_long_decode_that_does_not_fit_says_so_and_leaks_nothing(tiny_llm):
     eng = tiny_llm.engine
     cap = eng.pool.num_usable_blocks * eng.pool.block_size
