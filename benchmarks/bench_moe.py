@@ -126,7 +126,9 @@ _ASM = {"dec": ([16],
                 [_G(64, 128, 4, 1, split_k=2, prefetch=2), _G(64, 128, 4, 3, split_k=2),
                  _G(32, 128, 4, 3, split_k=2), _G(64, 128, 4, 3, split_k=4), _G(64, 64, 4, 3, split_k=2)]),
         "mid": ([64], [_G(128, 64, 4, 4)], [_G(128, 64, 4, 4), _G(128, 64, 8, 3)]),
-        "pre": ([128], [_G(128, 64, 8, 3)], [_G(128, 64, 8, 3), _G(128, 64, 4, 4)])}
+        # prefill (TTFT at 2k tokens: 256 rows per expert); the first pair is default_config's
+        "pre": ([128, 64], [_G(128, 64, 8, 3), _G(128, 64, 8, 4), _G(128, 128, 8, 3), _G(256, 64, 8, 3)],
+                [_G(128, 64, 8, 3), _G(128, 64, 4, 4), _G(128, 128, 8, 3), _G(64, 64, 4, 4)])}
 # the checkpoint-code path (tl.dot_scaled), its best tiles of earlier sweeps
 _DOT_SCALED = {"dec": ([16], [_G(128, 128, 4, 4, True)], [_G(128, 128, 4, 4, True, 2)]),
                "mid": ([64], [_G(128, 64, 4, 4)], [_G(128, 64, 4, 4)]),

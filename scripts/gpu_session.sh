@@ -20,8 +20,8 @@ if [ "$WHAT" != bench ]; then
   timeout 120 $B --mode latency --max-model-len 4096 --runs 3 --output-len 128 --ttft-prompt-len 2048 2>&1 \
     | grep -v "Loading" | tee "$OUT/latency.log"
   # the decode tiles, split-K gate_up among them (not measured on a GPU yet)
-  timeout 200 python benchmarks/bench_moe.py --sweep --tokens 1,8 --upcasts asm --backends triton 2>&1 \
-    | tail -25 | tee "$OUT/moe_sweep.log"
+  timeout 240 python benchmarks/bench_moe.py --sweep --tokens 1,8,2048 --upcasts asm --backends triton 2>&1 \
+    | tail -40 | tee "$OUT/moe_sweep.log"
   timeout 150 python scripts/profile_step.py 2>&1 | grep -v "Loading" | tee "$OUT/profile.log" | head -60
 fi
 if [ "$WHAT" != check ]; then
