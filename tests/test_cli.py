@@ -51,3 +51,11 @@ def test_parallel_flags_reach_the_engine(tiny_ckpt):
             "--enable-expert-parallel")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "tensor_parallel_size=3" in r.stderr, r.stderr
+
+
+def test_bench_long_decode_mode(tiny_ckpt):
+    r = run("bench", str(tiny_ckpt), "--device", "cpu", "--mode", "long_decode", "--long-context", "200",
+            "--long-batch", "3", "--output-len", "4", "--runs", "1", "--concurrency", "3", "--max-model-len", "512",
+            "--kv-cache-dtype", "fp8")
+    assert r.returncode == 0, r.stderr
+    assert "decode 3 x 200 ctx" in r.stdout and "kv fp8, 4 steps" in r.stdout, r.stdout
