@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session's measurements (run on the device with .device carried):
-#   source .device/env.sh && bash scripts/gpu_session.sh [check|bench|all]
-# check: GPU tests of the fused kernels and the engine, then batch-1 latency and a decode profile;
-# bench: the issue-8 table: latency, 1k/1k throughput, fp8 vs bf16 KV at 64 x 32k, HF baseline.
+#   source .device/env.sh && bash scripts/gpu_session.sh check|speed|longkv
+# check: GPU tests of the kernels (fused, attention, MoE) and the engine, then the MoE tile sweep;
+# speed: the issue-8 table's latency and 1k/1k throughput (c=64, 256), and a step profile;
+# longkv: fp8 vs bf16 KV decode at 64 x 32k, then the HF transformers baseline.
+# Each part fits one device call (10 minutes).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-WHAT=${1:-all}
+WHAT=${1:?check, speed or longkv}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
@@ -14,21 +16,21 @@ if [ ! -f /tmp/gptoss-20b/config.json ]; then
     | tail -2 | tee "$OUT/make.log"
 fi
 B="python -m gptoss bench /tmp/gptoss-20b --moe-backend triton"
-if [ "$WHAT" != bench ]; then
-  timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_rmsnorm.py tests/test_attention_kernels.py \
-    tests/test_gpu_engine.py 2>&1 | grep -v "Loading" | tail -15 | tee "$OUT/gpu_tests.log"
-  timeout 120 $B --mode latency --max-model-len 4096 --runs 3 --output-len 128 --ttft-prompt-len 2048 2>&1 \
-    | grep -v "Loading" | tee "$OUT/latency.log"
-  # the decode tiles, split-K gate_up among them (not measured on a GPU yet)
+if [ "$WHAT" = check ]; then
+  timeout 300 python -m pytest -q -p no:cacheprovider -m gpu tests/test_rmsnorm.py tests/test_attention_kernels.py \
+    tests/test_moe_backends.py tests/test_gpu_engine.py 2>&1 | grep -v "Loading" | tail -15 | tee "$OUT/gpu_tests.log"
+  # the decode tiles (split-K gate_up among them, not timed on a GPU yet) and the prefill tiles
   timeout 240 python benchmarks/bench_moe.py --sweep --tokens 1,8,2048 --upcasts asm --backends triton 2>&1 \
     | tail -40 | tee "$OUT/moe_sweep.log"
-  timeout 150 python scripts/profile_step.py 2>&1 | grep -v "Loading" | tee "$OUT/profile.log" | head -60
 fi
-if [ "$WHAT" != check ]; then
+if [ "$WHAT" = speed ]; then
   timeout 120 $B --mode latency --max-model-len 4096 --runs 3 --output-len 256 --ttft-prompt-len 2048 2>&1 \
     | grep -v "Loading" | tee "$OUT/latency.log"
   timeout 240 $B --mode throughput --max-model-len 4096 --runs 1 --concurrency 64 256 --input-len 1024 \
     --output-len 1024 2>&1 | grep -v "Loading" | tee "$OUT/throughput.log"
+  timeout 150 python scripts/profile_step.py 2>&1 | grep -v "Loading" | tee "$OUT/profile.log" | head -60
+fi
+if [ "$WHAT" = longkv ]; then
   for kv in bfloat16 fp8; do
     timeout 150 $B --mode long_decode --kv-cache-dtype $kv --max-model-len 32900 --max-num-seqs 64 --runs 2 \
       --long-context 32768 --long-batch 64 --concurrency 64 --output-len 64 2>&1 | grep -v "Loading" | tee "$OUT/long_$kv.log"
