@@ -120,14 +120,16 @@ def sample(logits: torch.Tensor, reqs: list[Request], default_generator: torch.G
         # logprobs of the model's own distribution (before penalties and truncation), as vLLM returns
         lp = torch.log_softmax(raw, dim=-1)
         k = max(w or 0 for w in want)
-        top_vals, top_ids = lp.topk(k, dim=-1) if k else (None, None)
         tok_lp = lp.gather(1, chosen.unsqueeze(1)).squeeze(1)
-        ranks = (lp > tok_lp.unsqueeze(1)).sum(-1) + 1
+        ranks = ((lp > tok_lp.unsqueeze(1)).sum(-1) + 1).tolist()
+        # to the host once, as lists: reading elements one by one would sync with the device each time
+        top_vals, top_ids = [t.tolist() for t in lp.topk(k, dim=-1)] if k else ([], [])
+        tok_lp = tok_lp.tolist()
         for i, w in enumerate(want):
             if w is None:
                 continue
-            d = {token_ids[i]: (float(tok_lp[i]), int(ranks[i]))}
+            d = {token_ids[i]: (tok_lp[i], ranks[i])}
             for j in range(w):
-                d.setdefault(int(top_ids[i, j]), (float(top_vals[i, j]), j + 1))
+                d.setdefault(top_ids[i][j], (top_vals[i][j], j + 1))
             logprobs[i] = d
     return SamplerOutput(token_ids, logprobs)
