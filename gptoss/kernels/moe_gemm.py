@@ -95,6 +95,8 @@ class GemmOptions:
     split_k: int = 1        # K split over programs, partial sums meeting in fp32 atomics (moe_down: with
                             # fused_combine; moe_gate_up: then a small kernel applies bias + SwiGLU)
     prefetch: int = 0       # 0, 1, 2: K steps loaded ahead in registers (besides num_stages)
+    gemv: bool = False      # no MMA: "bf16x2" weights upcast in registers, products summed in fp32
+                            # FMAs; for decode's 1-4 rows per expert (routing block_m = rows per program)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -417,11 +419,23 @@ def _mainloop(a_ptr, a_row_off, m_mask, a_scale, w_ptr, ws_ptr, wsh_ptr, n, n_ma
               stride_wn, stride_wkb, stride_sn, stride_skb,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACT: tl.constexpr,
               SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr, DEQ_ASM: tl.constexpr,
-              PREFETCH: tl.constexpr, INTERPRET: tl.constexpr):
+              PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, GEMV: tl.constexpr = False):
     """acc [BLOCK_M, BLOCK_N] fp32 = A[rows, k_lo:k_hi] @ W[n, k_lo:k_hi]^T (fp8: without the scales).
 
     PREFETCH 1 / 2: the loads of the next one / two K steps are issued before this step's math, in
-    registers (decode: few programs per SM, each waiting on DRAM otherwise)."""
+    registers (decode: few programs per SM, each waiting on DRAM otherwise). GEMV: products summed
+    elementwise in a [BLOCK_M, BLOCK_N, BLOCK_K] fp32 accumulator, reduced over K once at the end."""
+    if GEMV:
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            a, w, ws, sh = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi,
+                                   stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, True,
+                                   EVEN_K, MASK_W)
+            sc = (ws.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)  # 2^(s-127)
+            sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, BLOCK_K // 32, 16)), (BLOCK_N, BLOCK_K // 2))
+            wt = _upcast_bf16x2(w, sc, BLOCK_N, BLOCK_K, INTERPRET).to(tl.float32)
+            acc3 += wt[None, :, :] * a.to(tl.bfloat16).to(tl.float32)[:, None, :]
+        return tl.sum(acc3, axis=2)
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
@@ -512,7 +526,7 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
                     DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+                    INTERPRET: tl.constexpr, GEMV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -530,7 +544,8 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr,
     acc = _mainloop(x_ptr, tok.to(tl.int64) * stride_xt, m_mask, a_scale,
                     w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
                     n, n_mask, K, k_lo, tl.minimum(k_lo + k_per_split, K), stride_wn, stride_wkb, stride_sn,
-                    stride_skb, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, DEQ_ASM, PREFETCH, INTERPRET)
+                    stride_skb, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, DEQ_ASM, PREFETCH, INTERPRET,
+                    GEMV)
     if ACT == 1:
         acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
     if SPLIT_K > 1:
@@ -569,7 +584,7 @@ def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
                  TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
                  DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 FUSED_COMBINE: tl.constexpr, NA_PAD: tl.constexpr, INTERPRET: tl.constexpr):
+                 FUSED_COMBINE: tl.constexpr, NA_PAD: tl.constexpr, INTERPRET: tl.constexpr, GEMV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -588,7 +603,7 @@ def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
                     w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
                     n, n_mask, K, k_lo, tl.minimum(k_lo + k_per_split, K), stride_wn, stride_wkb,
                     stride_sn, stride_skb, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, DEQ_ASM,
-                    PREFETCH, INTERPRET)
+                    PREFETCH, INTERPRET, GEMV)
     if ACT == 1:
         acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
@@ -657,6 +672,14 @@ def _check_gemm(x: torch.Tensor, w: MXFP4Weight, opts: GemmOptions, act: str, wh
         raise ValueError(f"{who}: swap_ab is not supported with 'bf16x2'-encoded weights")
     if opts.prefetch not in (0, 1, 2):
         raise ValueError(f"{who}: prefetch={opts.prefetch} must be 0, 1 or 2")
+    if opts.gemv and (w.encoding != "bf16x2" or act != "bf16" or opts.swap_ab or opts.prefetch):
+        raise ValueError(f"{who}: gemv needs 'bf16x2'-encoded weights, act='bf16', no swap_ab and no prefetch")
+
+
+def _check_rows(routing: Routing, opts: GemmOptions, who: str) -> None:
+    # tl.dot takes at least 16 rows; the GEMV path takes any power of two
+    if not opts.gemv and routing.block_m < 16:
+        raise ValueError(f"{who}: routing block_m={routing.block_m}; the MMA path needs >= 16 (or gemv=True)")
 
 
 def row_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -678,6 +701,7 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
     """x [T, H] -> (a [T*k, I] in x.dtype, rows in routing's grouped order; for "fp8" also per-tile
     maxima of |a| [T*k, n_tiles] float32, else None). bias [E, 2I] float32; x_amax [T] for "fp8"."""
     _check_gemm(x, w, opts, act, "moe_gate_up")
+    _check_rows(routing, opts, "moe_gate_up")
     if opts.block_n < 32 or opts.split_k < 1:
         raise ValueError(f"moe_gate_up: block_n={opts.block_n} must be >= 32 (gate/up pairs) and "
                          f"split_k={opts.split_k} >= 1")
@@ -705,7 +729,7 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         TOP_K=routing.top_k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
         ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
         MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.encoding == "bf16x2",
-        PREFETCH=opts.prefetch, SPLIT_K=split,
+        PREFETCH=opts.prefetch, SPLIT_K=split, GEMV=opts.gemv,
         INTERPRET=INTERPRETED, num_warps=opts.num_warps, num_stages=opts.num_stages)
     if split > 1:
         _swiglu_kernel[(routing.max_tiles, n_tiles_n)](
@@ -723,6 +747,7 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
     fused_combine: the GEMM adds into a float32 output with atomics (split_k allowed); else it writes
     weighted rows [T*k, H] and a combine kernel sums each token's k rows (deterministic)."""
     _check_gemm(a, w, opts, act, "moe_down")
+    _check_rows(routing, opts, "moe_down")
     if opts.split_k > 1 and not fused_combine:
         raise ValueError("moe_down: split_k > 1 needs fused_combine")
     if act == "fp8" and a_amax is None:
@@ -751,7 +776,7 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
         MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.encoding == "bf16x2",
         PREFETCH=opts.prefetch,
             HAS_BIAS=bias is not None, FUSED_COMBINE=fused_combine,
-            NA_PAD=max(2, triton.next_power_of_2(n_amax)), INTERPRET=INTERPRETED,
+            NA_PAD=max(2, triton.next_power_of_2(n_amax)), INTERPRET=INTERPRETED, GEMV=opts.gemv,
             num_warps=opts.num_warps, num_stages=opts.num_stages)
     if fused_combine:
         return out.to(out_dtype)

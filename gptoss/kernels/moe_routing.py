@@ -257,8 +257,8 @@ def _check(router_logits, top_k, expert_start, num_local_experts, opts):
     if not (0 <= expert_start and num_local_experts >= 1 and expert_start + num_local_experts <= E):
         raise ValueError(f"local experts [{expert_start}, {expert_start + num_local_experts}) are not "
                          f"within the {E} experts")
-    if opts.block_m < 16 or opts.block_m & (opts.block_m - 1):
-        raise ValueError(f"block_m={opts.block_m} must be a power of two >= 16")
+    if opts.block_m < 1 or opts.block_m & (opts.block_m - 1):
+        raise ValueError(f"block_m={opts.block_m} must be a power of two (>= 16 for the MMA GEMMs)")
 
 
 def moe_routing(router_logits: torch.Tensor, top_k: int, expert_start: int, num_local_experts: int,
