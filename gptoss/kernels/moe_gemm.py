@@ -419,7 +419,7 @@ def _mainloop(a_ptr, a_row_off, m_mask, a_scale, w_ptr, ws_ptr, wsh_ptr, n, n_ma
               stride_wn, stride_wkb, stride_sn, stride_skb,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACT: tl.constexpr,
               SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr, DEQ_ASM: tl.constexpr,
-              PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, GEMV: tl.constexpr = False):
+              PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, GEMV: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] fp32 = A[rows, k_lo:k_hi] @ W[n, k_lo:k_hi]^T (fp8: without the scales).
 
     PREFETCH 1 / 2: the loads of the next one / two K steps are issued before this step's math, in
