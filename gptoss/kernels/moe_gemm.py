@@ -323,6 +323,15 @@ def _upcast_bf16x2(wb, sc, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.con
 
 
 @triton.jit
+def _dequant_bf16x2(w, ws, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):
+    """A "bf16x2"-encoded tile w [BN, BK/2] with its e8m0 scales ws [BN, BK/32] -> bf16 [BN, BK]: the
+    MMA path and the GEMV path take their weights from here."""
+    sc = (ws.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)  # 2^(s-127)
+    sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, BK // 32, 16)), (BN, BK // 2))
+    return _upcast_bf16x2(w, sc, BN, BK, INTERPRET)
+
+
+@triton.jit
 def _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi,
             stride_wn, stride_wkb, stride_sn, stride_skb,
             BLOCK_K: tl.constexpr, ACT: tl.constexpr, W_ROWS: tl.constexpr, EVEN_K: tl.constexpr,
@@ -370,9 +379,7 @@ def _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
     """acc += one K step of A @ W^T (acc is [BN, BM] when SWAP)."""
     if DEQ_ASM:  # "bf16x2"-encoded weights: our upcast in registers, then a bf16 tl.dot
         ab = a.to(tl.bfloat16)
-        sc = (ws.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)  # 2^(s-127)
-        sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, BLOCK_K // 32, 16)), (BLOCK_N, BLOCK_K // 2))
-        wt = _upcast_bf16x2(w, sc, BLOCK_N, BLOCK_K, INTERPRET)
+        wt = _dequant_bf16x2(w, ws, BLOCK_N, BLOCK_K, INTERPRET)
         if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 of bf16 values is exact
             if SWAP:
                 acc += tl.dot(wt.to(tl.float32), tl.trans(ab.to(tl.float32)))
@@ -431,9 +438,7 @@ def _mainloop(a_ptr, a_row_off, m_mask, a_scale, w_ptr, ws_ptr, wsh_ptr, n, n_ma
             a, w, ws, sh = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi,
                                    stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, True,
                                    EVEN_K, MASK_W)
-            sc = (ws.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)  # 2^(s-127)
-            sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, BLOCK_K // 32, 16)), (BLOCK_N, BLOCK_K // 2))
-            wt = _upcast_bf16x2(w, sc, BLOCK_N, BLOCK_K, INTERPRET).to(tl.float32)
+            wt = _dequant_bf16x2(w, ws, BLOCK_N, BLOCK_K, INTERPRET).to(tl.float32)
             acc3 += wt[None, :, :] * a.to(tl.bfloat16).to(tl.float32)[:, None, :]
         return tl.sum(acc3, axis=2)
     if SWAP:
