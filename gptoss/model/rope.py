@@ -6,8 +6,6 @@ import math
 
 import torch
 
-from ..kernels.attention_torch import apply_rope_torch
-
 
 def yarn_inv_freq(head_dim: int, base: float, factor: float, beta_fast: float, beta_slow: float,
                   original_max_position: int, truncate: bool) -> tuple[torch.Tensor, float]:
@@ -32,6 +30,9 @@ def yarn_inv_freq(head_dim: int, base: float, factor: float, beta_fast: float, b
 
 
 class RotaryEmbedding(torch.nn.Module):
+    """The cos / sin tables (a module so that they move with the model). The rotation itself is fused
+    into the KV-cache write: kernels.attention.rope_write_kv, twin attention_torch.apply_rope_torch."""
+
     def __init__(self, config, max_positions: int, device=None):
         super().__init__()
         inv_freq, scale = yarn_inv_freq(config.head_dim, config.rope_theta, config.rope_factor,
@@ -41,8 +42,3 @@ class RotaryEmbedding(torch.nn.Module):
         # [max_positions, head_dim/2] each, fp32: the table is small and fp32 keeps long positions exact
         self.register_buffer("cos", (freqs.cos() * scale).to(device), persistent=False)
         self.register_buffer("sin", (freqs.sin() * scale).to(device), persistent=False)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, head_dim] rotated at `positions` [T]; the two halves form the complex pairs.
-        (The model fuses this into the KV write: kernels.attention.rope_write_kv.)"""
-        return apply_rope_torch(x, positions, self.cos, self.sin)
