@@ -22,7 +22,7 @@ def _tables_of(r: Request) -> tuple[np.ndarray, np.ndarray]:
     """r's block lists as int64 arrays, rebuilt only when the KV cache manager changed them (every
     block_size tokens in decode), so a step copies arrays instead of converting long lists."""
     c = r.kv_tables
-    if c is None or c[0] != r.kv_version or len(c[1]) != len(r.block_ids) or len(c[2]) != len(r.swa_block_ids):
+    if c is None or c[0] != r.kv_version:
         c = r.kv_tables = (r.kv_version, np.array(r.block_ids, dtype=np.int64),
                            np.array(r.swa_block_ids, dtype=np.int64))
     return c[1], c[2]
@@ -102,14 +102,14 @@ class ModelRunner:
         return self.graphs is not None and max_q == 1 and S == B == T and self.graphs.fits(B)
 
     @torch.inference_mode()
-    def forward(self, header: list[int], flat: torch.Tensor) -> tuple[torch.Tensor, ForwardContext]:
-        """The step's forward -> (logits [S, vocab] when a graph replayed it, else hidden [T, H], ctx).
-        TP worker ranks run exactly this for every step rank 0 broadcasts."""
+    def forward(self, header: list[int], flat: torch.Tensor) -> tuple[torch.Tensor, ForwardContext, bool]:
+        """The step's forward -> (logits [S, vocab] when a graph replayed it, else hidden [T, H], ctx,
+        whether a graph replayed it). TP worker ranks run exactly this for every step rank 0 broadcasts."""
         input_ids, positions, ctx = self.unpack(header, flat)
         if self._replays(header):
-            return self.graphs.run(ctx, input_ids, positions), ctx
+            return self.graphs.run(ctx, input_ids, positions), ctx, True
         with set_forward_context(ctx):
-            return self.model(input_ids, positions), ctx
+            return self.model(input_ids, positions), ctx, False
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
@@ -118,11 +118,11 @@ class ModelRunner:
         self.pack_seconds += time.perf_counter() - t0
         if self.group is not None:
             self.group.send_step(header, flat)
-        result, ctx = self.forward(header, flat)
+        result, ctx, replayed = self.forward(header, flat)
         if not samplers:
             return samplers, None
         # a replayed graph already gave the logits (rank 0's graphs include the unembedding)
-        logits = result if self._replays(header) else self.model.compute_logits(result[ctx.logits_indices])
+        logits = result if replayed else self.model.compute_logits(result[ctx.logits_indices])
         return samplers, sample(logits, samplers, self.generator)
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int, swa: bool, with_logits: bool = True) -> None:
