@@ -121,11 +121,17 @@ def run_backends(args, spec, copy_tbs, gpu, best=None):
 _G = GemmOptions
 _ASM = {"dec": ([16],
                 [_G(64, 128, 4, 3), _G(64, 128, 4, 4), _G(32, 128, 4, 3), _G(64, 128, 8, 3), _G(64, 64, 4, 3),
+                 _G(128, 128, 4, 3), _G(128, 64, 4, 4),
                  # split-K gate_up (then a bias + SwiGLU kernel): more programs for 1-16 rows per expert
                  _G(64, 128, 4, 3, split_k=2), _G(64, 128, 4, 3, split_k=4), _G(32, 128, 4, 3, split_k=4)],
                 [_G(64, 128, 4, 1, split_k=2, prefetch=2), _G(64, 128, 4, 3, split_k=2),
-                 _G(32, 128, 4, 3, split_k=2), _G(64, 128, 4, 3, split_k=4), _G(64, 64, 4, 3, split_k=2)]),
-        "mid": ([64], [_G(128, 64, 4, 4)], [_G(128, 64, 4, 4), _G(128, 64, 8, 3)]),
+                 _G(32, 128, 4, 3, split_k=2), _G(64, 128, 4, 3, split_k=4), _G(64, 64, 4, 3, split_k=2),
+                 _G(128, 128, 4, 3), _G(128, 64, 4, 4, split_k=2)]),
+        # batch 64-768 decode (8-96 rows per expert); the first pair is default_config's
+        "mid": ([64, 32], [_G(256, 64, 8, 3), _G(128, 64, 4, 4), _G(128, 128, 4, 3), _G(64, 128, 4, 3),
+                           _G(128, 64, 8, 4), _G(128, 64, 4, 4, split_k=2)],
+                [_G(128, 64, 8, 3), _G(128, 64, 4, 4), _G(64, 128, 4, 3), _G(128, 128, 4, 3),
+                 _G(128, 64, 4, 4, split_k=2)]),
         # prefill (TTFT at 2k tokens: 256 rows per expert); the first pair is default_config's
         "pre": ([128, 64], [_G(128, 64, 8, 3), _G(128, 64, 8, 4), _G(128, 128, 8, 3), _G(256, 64, 8, 3)],
                 [_G(128, 64, 8, 3), _G(128, 64, 4, 4), _G(128, 128, 8, 3), _G(64, 64, 4, 4)])}

@@ -124,7 +124,7 @@ def measure_long_decode(llm, rng, batch: int, context: int, steps: int, runs: in
         _sync()
         t0 = time.perf_counter()
         n = 0
-        while sch.has_unfinished():
+        while eng.has_unfinished():
             n += len(eng.step())
         _sync()
         if i:

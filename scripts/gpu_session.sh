@@ -3,11 +3,12 @@
 #   source .device/env.sh && bash scripts/gpu_session.sh check|speed|longkv
 # check: GPU tests of the kernels (fused, attention, MoE) and the engine, then the MoE tile sweep;
 # speed: the issue-8 table's latency and 1k/1k throughput (c=64, 256), and a step profile;
-# longkv: fp8 vs bf16 KV decode at 64 x 32k, then the HF transformers baseline.
+# longkv: fp8 vs bf16 KV decode at 64 x 32k, then the HF transformers baseline;
+# batch: batch-1 latency, then where a decode step's time goes at batch 256 and 64 (1k context).
 # Each part fits one device call (10 minutes).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-WHAT=${1:?check, speed or longkv}
+WHAT=${1:?check, speed, longkv or batch}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
@@ -22,6 +23,12 @@ if [ "$WHAT" = check ]; then
   # the decode tiles (split-K gate_up among them, not timed on a GPU yet) and the prefill tiles
   timeout 240 python benchmarks/bench_moe.py --sweep --tokens 1,8,2048 --upcasts asm --backends triton 2>&1 \
     | tail -40 | tee "$OUT/moe_sweep.log"
+fi
+if [ "$WHAT" = batch ]; then
+  timeout 120 $B --mode latency --max-model-len 4096 --runs 3 --output-len 256 --ttft-prompt-len 2048 2>&1 \
+    | grep -v "Loading" | tee "$OUT/latency.log"
+  timeout 400 python scripts/profile_batch.py --batch 256 64 2>&1 | grep -v "Loading" > "$OUT/profile_batch.log"
+  grep -A30 "^GPU:" "$OUT/profile_batch.log"
 fi
 if [ "$WHAT" = speed ]; then
   timeout 120 $B --mode latency --max-model-len 4096 --runs 3 --output-len 256 --ttft-prompt-len 2048 2>&1 \

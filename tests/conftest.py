@@ -74,6 +74,8 @@ def engine_leaks(engine: LLMEngine) -> list[str]:
     """What an idle engine should not hold (empty when it is clean)."""
     s, pool = engine.scheduler, engine.pool
     problems = []
+    if engine._inflight is not None:
+        problems.append(f"a step in flight that was never read back ({len(engine._inflight[0])} tokens)")
     if s.waiting or s.running or s.requests:
         problems.append(f"{len(s.running)} running, {len(s.waiting)} waiting, {len(s.requests)} registered "
                         f"requests left: {sorted(s.requests)[:5]}")

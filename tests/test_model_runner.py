@@ -28,19 +28,30 @@ def _step(rng, swa: bool, bs: int = 4):
     return out
 
 
-@pytest.mark.parametrize("swa", [False, True])
-def test_pack_matches_a_per_token_reference(swa):
+@pytest.mark.parametrize("swa,pending", [(False, False), (True, False), (False, True)])
+def test_pack_matches_a_per_token_reference(swa, pending):
     rng = random.Random(int(swa))
     runner = object.__new__(ModelRunner)  # _pack / unpack need only these three
     runner.block_size, runner.device, runner.kv_caches = 4, torch.device("cpu"), []
     out = _step(rng, swa)
+    all_ids = {r.request_id: r.all_token_ids for r in out.requests}
+    prev = None
+    if pending:
+        # async scheduling: the two decoding requests' newest tokens are still on the device, in
+        # rows 5 and 2 of the step before's sampled tokens
+        prev = torch.tensor([rng.randrange(1000) for _ in range(6)])
+        for i, row in ((2, 5), (3, 2)):
+            r = out.requests[i]
+            r.output_token_ids.pop()
+            r.num_pending, r.pending_row = 1, row
+            all_ids[r.request_id] = r.all_token_ids + [int(prev[row])]
     header, flat, samplers = runner._pack(out)
-    ids, pos, ctx = runner.unpack(header, flat)
+    ids, pos, ctx = runner.unpack(header, flat, prev)
     want_ids, want_pos, want_slots, want_swa, qsl, rows = [], [], [], [], [0], []
     for r in out.requests:
         n, a = out.num_scheduled_tokens[r.request_id], r.num_computed_tokens
         for p in range(a, a + n):
-            want_ids.append(r.all_token_ids[p])
+            want_ids.append(all_ids[r.request_id][p])
             want_pos.append(p)
             want_slots.append(r.block_ids[p // 4] * 4 + p % 4)
             if swa:
@@ -55,7 +66,7 @@ def test_pack_matches_a_per_token_reference(swa):
     assert ctx.seq_lens.tolist() == [r.num_computed_tokens + out.num_scheduled_tokens[r.request_id]
                                      for r in out.requests]
     W = max(len(r.block_ids) for r in out.requests)
-    assert header[:HEADER] == [len(want_ids), 5, W, 4, 12, 70, int(swa)]
+    assert header[:HEADER] == [len(want_ids), 5, W, 4, 12, 70, int(swa), 2 if pending else 0]
     for i, r in enumerate(out.requests):
         assert ctx.block_tables[i].tolist() == r.block_ids + [0] * (W - len(r.block_ids))
         if swa:

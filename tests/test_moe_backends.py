@@ -451,7 +451,9 @@ def test_gemms_match_twins_gpu(act, enc):
         y = G.moe_down(a, a_amax, r, w2, b2, act, opts, 0, E, split > 1, torch.bfloat16)
         y_t = G.moe_down_torch(a, a_amax, r, w2, b2, act, opts, 0, E, split > 1, torch.bfloat16)
         em, er = errors(y, y_t)
-        assert em < tm and er < tr, (act, swap, prefetch, split, em, er)
+        # y is rounded to bf16 once, after fp32 sums in another order (split-K atomics): a value may
+        # round the other way, one bf16 ulp, up to 2^-7 of max|y| (seen on H100: 5.5e-3, RMS 7e-6)
+        assert em < max(tm, 2 ** -7 + 1e-4) and er < tr, (act, swap, prefetch, split, em, er)
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ from ..sampling_params import SamplingParams
 from ..tokenizer import decode
 from .kv_cache import (KVCacheManager, KVLayout, allocate_kv_caches, kv_bytes_per_token, kv_storage_dtype,
                        plan_kv_layout)
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, PendingTokens
 from .worker import Worker
 from .request import Request
 from .scheduler import Scheduler
@@ -91,8 +91,13 @@ class LLMEngine:
         self.num_computed_tokens_total = 0  # tokens run through the model, over the engine's life
         self.step_times = {"schedule": 0.0, "execute": 0.0, "update": 0.0, "steps": 0}
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, self.max_num_batched_tokens)
+        # async scheduling: step N+1 is scheduled and launched before step N's tokens reach the host,
+        # so the host's scheduling, packing and bookkeeping hide behind the GPU's work (one process)
+        self.async_scheduling = config.async_scheduling and self.workers is None
+        self._inflight: tuple[list[Request], PendingTokens] | None = None
         self._ids = itertools.count()
         self.driven_by_async = False  # set while an AsyncLLM steps this engine in its thread
+        self._last_update = 0.0  # host time of the last read-back's appends (step_times' "update")
 
     # --- setup -----------------------------------------------------------------------------------
     def _kv_budget(self) -> int:
@@ -192,34 +197,85 @@ class LLMEngine:
             self.workers.shutdown()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
+
+    def _overlaps(self) -> bool:
+        """Whether the next step may be scheduled before the one in flight is read back: no queued
+        request's next step depends on its newest token's value."""
+        sch = self.scheduler
+        return self.async_scheduling and not any(r.needs_sync for q in (sch.running, sch.waiting) for r in q)
 
     def step(self) -> list[Request]:
-        """Run one batch; returns the requests that produced a token (finished ones included)."""
+        """Run one batch; returns the requests that produced a token (finished ones included).
+
+        Under async scheduling a call launches step N and then reads back step N-1, so the tokens
+        it returns are one step behind the GPU; the last call launches nothing and reads back the last."""
+        overlap = self._overlaps()
+        if self._inflight is not None and not overlap:
+            return self._read_back()  # a synchronous step must see every token first
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.requests:
+            if self._inflight is not None:
+                return self._read_back()
             if self.scheduler.running or self.scheduler.waiting:
                 raise RuntimeError("the scheduler could not schedule any request (KV cache too small?)")
             return []
         t1 = time.perf_counter()
-        samplers, sampled = self.runner.execute(out)
-        t2 = time.perf_counter()
-        for req in out.requests:
-            req.num_computed_tokens += out.num_scheduled_tokens[req.request_id]
-            self.pool.cache_full_blocks(req)
-            self.pool.release_out_of_window(req)
-            self.num_computed_tokens_total += out.num_scheduled_tokens[req.request_id]
-        for i, req in enumerate(samplers):
-            self._append_token(req, sampled.token_ids[i], sampled.logprobs[i])
+        if overlap:
+            samplers, pending = self.runner.launch(out, self._inflight[1] if self._inflight else None)
+            for i, req in enumerate(samplers):
+                req.num_pending += 1
+                req.pending_row = i
+            t2 = time.perf_counter()
+            done = self._read_back() if self._inflight is not None else []
+            self._inflight = (samplers, pending) if samplers else None
+            t3 = time.perf_counter()
+            self._computed(out)
+        else:
+            samplers, sampled = self.runner.execute(out)
+            t2 = t3 = time.perf_counter()
+            self._computed(out)
+            for i, req in enumerate(samplers):
+                self._append_token(req, sampled.token_ids[i], sampled.logprobs[i])
+            done = samplers
         # host time around the model: scheduling before it, bookkeeping and stop checks after it
-        t3 = time.perf_counter()
+        # (the read-back's wait for the step before is neither: it counts as execute)
+        t4 = time.perf_counter()
         st = self.step_times
         st["schedule"] += t1 - t0
-        st["execute"] += t2 - t1
-        st["update"] += t3 - t2
+        st["execute"] += t3 - t1 - self._last_update
+        st["update"] += t4 - t3 + self._last_update
         st["steps"] += 1
-        return samplers
+        self._last_update = 0.0
+        return done
+
+    def _computed(self, out) -> None:
+        """After a step is launched: its tokens count as computed (the KV writes are queued) and the
+        blocks it completed are cached; sliding blocks out of the window go back."""
+        for req in out.requests:
+            n = out.num_scheduled_tokens[req.request_id]
+            req.num_computed_tokens += n
+            self.num_computed_tokens_total += n
+            if not req.finished:
+                self.pool.cache_full_blocks(req)
+                self.pool.release_out_of_window(req)
+
+    def _read_back(self) -> list[Request]:
+        """Wait for the step in flight's tokens and append them; a request that finished (or was
+        aborted) meanwhile drops its token. Returns the requests that got one."""
+        samplers, pending = self._inflight
+        self._inflight = None
+        tokens = pending.tolist()
+        t0 = time.perf_counter()
+        got = []
+        for req, token in zip(samplers, tokens):
+            req.num_pending -= 1
+            if not req.finished:
+                self._append_token(req, token, None)
+                got.append(req)
+        self._last_update = time.perf_counter() - t0
+        return got
 
     # --- stop checks -----------------------------------------------------------------------------
     def _append_token(self, req: Request, token: int, logprobs) -> None:

@@ -11,11 +11,31 @@ from ..model.gpt_oss import Transformer
 from .forward_context import ForwardContext, set_forward_context
 from .kv_cache import LayerKVCache
 from .request import Request
-from .sampler import SamplerOutput, sample
+from .sampler import SamplerOutput, sample, sample_on_device
 from .scheduler import SchedulerOutput
 
 
-HEADER = 7  # T, B, table width, rows to unembed, max query len, max seq len, has sliding tables
+# T, B, table width, rows to unembed, max query len, max seq len, has sliding tables, pending tokens
+HEADER = 8
+
+
+class PendingTokens:
+    """A step's sampled tokens on their way to the host: the copy is queued behind the step and
+    read when the engine gets to it, so the host can schedule and launch the next step meanwhile."""
+
+    def __init__(self, tokens: torch.Tensor, host: torch.Tensor):
+        self.tokens = tokens  # int64 [S] on the device: the next step's inputs gather from it
+        self.host = host[:tokens.shape[0]]
+        self.host.copy_(tokens, non_blocking=True)
+        self.event = None
+        if tokens.is_cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def tolist(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def _tables_of(r: Request) -> tuple[np.ndarray, np.ndarray]:
@@ -40,11 +60,14 @@ class ModelRunner:
         self.pack_seconds = 0.0  # host time spent packing steps, over the runner's life (gptoss bench)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
+        self._host_tokens: list[torch.Tensor] = []  # two pinned buffers: one being read, one filling
 
     def _pack(self, out: SchedulerOutput) -> tuple[list[int], torch.Tensor, list[Request]]:
         """The whole step as one int64 tensor: one host-to-device copy, and one broadcast under TP.
         Filled with numpy slice by slice: at 256 sequences of 2k tokens the block tables alone are
-        64k entries, which Python lists and torch.tensor(list) turned into ~8 ms of host time per step."""
+        64k entries, which Python lists and torch.tensor(list) turned into ~8 ms of host time per step.
+        A request's pending token (sampled by the step before, not read back yet) gets a placeholder
+        and a (position, row) pair: forward fills it from that step's tokens on the device."""
         bs, reqs = self.block_size, out.requests
         swa = bool(reqs[0].swa_block_ids)  # the sliding layers have their own block group
         B = len(reqs)
@@ -58,22 +81,31 @@ class ModelRunner:
         samplers = [r for r, e in zip(reqs, ends) if e == r.num_tokens]
         rows = [int(qsl[i + 1]) - 1 for i, (r, e) in enumerate(zip(reqs, ends)) if e == r.num_tokens]
         S = len(rows)
+        # the newest token of a request is pending when its step has not been read back: it is the
+        # last of the request's tokens this step (a pending token is never cut off by the budget)
+        pend = [(int(qsl[i + 1]) - 1, r.pending_row) for i, (r, e) in enumerate(zip(reqs, ends))
+                if r.num_pending and e == r.num_tokens]
+        P = len(pend)
         width = max(len(r.block_ids) for r in reqs)
-        header = [T, B, width, S, max(ns), max(ends), int(swa)]
-        sizes = [HEADER, T, T, T, B + 1, B, S, B * width * (2 if swa else 1), T if swa else 0]
+        header = [T, B, width, S, max(ns), max(ends), int(swa), P]
+        sizes = [HEADER, T, T, T, B + 1, B, S, B * width * (2 if swa else 1), T if swa else 0, 2 * P]
         flat = np.zeros(sum(sizes), dtype=np.int64)
-        _, ids, pos, slots, qsl_out, seq_lens, rows_out, tables, swa_slots = np.split(flat, np.cumsum(sizes)[:-1])
+        _, ids, pos, slots, qsl_out, seq_lens, rows_out, tables, swa_slots, pending = \
+            np.split(flat, np.cumsum(sizes)[:-1])
         flat[:HEADER] = header
         qsl_out[:] = qsl
         seq_lens[:] = ends
         rows_out[:] = rows
+        if P:
+            pending[:] = np.array(pend, dtype=np.int64).T.reshape(-1)
         tables = tables.reshape(-1, B, width)
         for i, r in enumerate(reqs):
             full, sliding = _tables_of(r)
             tables[0, i, :len(full)] = full
             if swa:
                 tables[1, i, :len(sliding)] = sliding
-        ids[:] = [t for r, a, e in zip(reqs, starts, ends) for t in r.token_ids_between(a, e)]
+        ids[:] = [t for r, a, e in zip(reqs, starts, ends) for t in r.token_ids_between(a, e)
+                  + [0] * (r.num_pending and e == r.num_tokens)]
         seq = np.repeat(np.arange(B), ns)  # each token's sequence
         pos[:] = np.arange(T) - np.repeat(qsl[:-1], ns) + np.repeat(starts, ns)
         blk, off = pos // bs, pos % bs
@@ -82,10 +114,14 @@ class ModelRunner:
             swa_slots[:] = tables[1, seq, blk] * bs + off
         return header, torch.from_numpy(flat).to(self.device, non_blocking=True), samplers
 
-    def unpack(self, header: list[int], flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        T, B, W, S, max_q, max_s, swa = header
-        sizes = [HEADER, T, T, T, B + 1, B, S, B * W * (2 if swa else 1), T if swa else 0]
-        _, ids, pos, slots, qsl, seq_lens, rows, tables, swa_slots = flat.split(sizes)
+    def unpack(self, header: list[int], flat: torch.Tensor, prev: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """prev: the sampled tokens of the step before, for the pending placeholders."""
+        T, B, W, S, max_q, max_s, swa, P = header
+        sizes = [HEADER, T, T, T, B + 1, B, S, B * W * (2 if swa else 1), T if swa else 0, 2 * P]
+        _, ids, pos, slots, qsl, seq_lens, rows, tables, swa_slots, pending = flat.split(sizes)
+        if P:
+            ids.index_copy_(0, pending[:P], prev.index_select(0, pending[P:]))
         i32 = torch.int32
         tables = tables.view(-1, B, W).to(i32)
         ctx = ForwardContext(
@@ -102,28 +138,48 @@ class ModelRunner:
         return self.graphs is not None and max_q == 1 and S == B == T and self.graphs.fits(B)
 
     @torch.inference_mode()
-    def forward(self, header: list[int], flat: torch.Tensor) -> tuple[torch.Tensor, ForwardContext, bool]:
+    def forward(self, header: list[int], flat: torch.Tensor, prev: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, ForwardContext, bool]:
         """The step's forward -> (logits [S, vocab] when a graph replayed it, else hidden [T, H], ctx,
         whether a graph replayed it). TP worker ranks run exactly this for every step rank 0 broadcasts."""
-        input_ids, positions, ctx = self.unpack(header, flat)
+        input_ids, positions, ctx = self.unpack(header, flat, prev)
         if self._replays(header):
             return self.graphs.run(ctx, input_ids, positions), ctx, True
         with set_forward_context(ctx):
             return self.model(input_ids, positions), ctx, False
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
+    def _logits(self, out: SchedulerOutput, prev: PendingTokens | None) -> tuple[list[Request], torch.Tensor | None]:
         t0 = time.perf_counter()
         header, flat, samplers = self._pack(out)
         self.pack_seconds += time.perf_counter() - t0
         if self.group is not None:
             self.group.send_step(header, flat)
-        result, ctx, replayed = self.forward(header, flat)
+        result, ctx, replayed = self.forward(header, flat, prev.tokens if prev is not None else None)
         if not samplers:
             return samplers, None
         # a replayed graph already gave the logits (rank 0's graphs include the unembedding)
-        logits = result if replayed else self.model.compute_logits(result[ctx.logits_indices])
-        return samplers, sample(logits, samplers, self.generator)
+        return samplers, result if replayed else self.model.compute_logits(result[ctx.logits_indices])
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
+        """Run the step and wait for its tokens (and logprobs)."""
+        samplers, logits = self._logits(out, None)
+        return samplers, sample(logits, samplers, self.generator) if samplers else None
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, prev: PendingTokens | None) -> tuple[list[Request], PendingTokens | None]:
+        """Queue the step and return at once: its tokens come back as PendingTokens. prev: the
+        step before, whose tokens this step's pending inputs gather on the device."""
+        samplers, logits = self._logits(out, prev)
+        if not samplers:
+            return samplers, None
+        tokens = sample_on_device(logits, samplers, self.generator)
+        if len(self._host_tokens) < 2 or self._host_tokens[0].numel() < tokens.numel():
+            pin = tokens.is_cuda
+            self._host_tokens = [torch.empty(max(tokens.numel(), 256), dtype=torch.int64, pin_memory=pin)
+                                 for _ in range(2)]
+        self._host_tokens.reverse()  # the other buffer than the step before's
+        return samplers, PendingTokens(tokens, self._host_tokens[0])
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int, swa: bool, with_logits: bool = True) -> None:
         """Under TP every rank captures the same buckets in the same order (the all-reduces inside

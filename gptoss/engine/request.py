@@ -45,6 +45,10 @@ class Request:
     logprobs: list | None = None
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    # async scheduling: tokens sampled on the device and not yet appended (0-2: the step being read
+    # back and the one just launched), and the row of the newest one in its step's sampled tokens
+    num_pending: int = 0
+    pending_row: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -52,7 +56,21 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Prompt, output and pending tokens: what the scheduler plans with."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def needs_sync(self) -> bool:
+        """Its next step depends on the values of its newest token (grammar mask, penalties, the
+        min_tokens ban) or it returns logprobs: its steps cannot be scheduled ahead of the readback."""
+        p = self.params
+        return (self.grammar is not None or p.logprobs is not None or p.min_tokens > 0
+                or p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty))
+
+    @property
+    def length_reached_with_pending(self) -> bool:
+        """Its pending tokens bring it to its length limit: it needs no further step."""
+        return self.num_pending > 0 and len(self.output_token_ids) + self.num_pending >= self.max_output_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -58,19 +58,25 @@ def _ban_stops_before_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> N
                 logits[i, torch.tensor(banned, device=logits.device)] = float("-inf")
 
 
+def _to_device(values: list, device, dtype=None) -> torch.Tensor:
+    """A small host list on the device without waiting: torch.tensor(..., device="cuda") copies
+    synchronously, which waits for every step queued before (async scheduling queues one ahead)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _truncate(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p masks, batched over rows; the decisions about which
     masks to build come from the host-side params, so nothing here waits on the device."""
     dev = logits.device
-    temp = torch.tensor([max(r.params.temperature, 1e-5) for r in reqs], device=dev).unsqueeze(1)
+    temp = _to_device([max(r.params.temperature, 1e-5) for r in reqs], dev).unsqueeze(1)
     logits = logits.div_(temp)
     V = logits.shape[-1]
     if any(r.params.top_k > 0 for r in reqs):
-        k = torch.tensor([min(r.params.top_k, V) if r.params.top_k > 0 else V for r in reqs], device=dev)
+        k = _to_device([min(r.params.top_k, V) if r.params.top_k > 0 else V for r in reqs], dev)
         kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
         logits = logits.masked_fill_(logits < kth, float("-inf"))
     if any(r.params.top_p < 1 for r in reqs):
-        top_p = torch.tensor([r.params.top_p for r in reqs], device=dev)
+        top_p = _to_device([r.params.top_p for r in reqs], dev)
         sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
@@ -78,7 +84,7 @@ def _truncate(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, idx, sorted_logits)
     if any(r.params.min_p > 0 for r in reqs):
-        min_p = torch.tensor([r.params.min_p for r in reqs], device=dev)
+        min_p = _to_device([r.params.min_p for r in reqs], dev)
         probs = logits.softmax(-1)
         logits = logits.masked_fill_(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
@@ -94,26 +100,34 @@ def _uniforms(reqs: list[Request], rows: list[int], default_generator, device) -
     return u
 
 
-def sample(logits: torch.Tensor, reqs: list[Request], default_generator: torch.Generator | None = None
-           ) -> SamplerOutput:
-    """logits [S, V] fp32, one row per request that samples this step (modified in place).
+def sample_on_device(logits: torch.Tensor, reqs: list[Request], default_generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
+    """logits [S, V] fp32, one row per request that samples this step (modified in place) -> the
+    chosen tokens, int64 [S] on the device, without waiting for the device.
 
     A sampled row draws one uniform u and takes the first token whose cumulative probability
     exceeds u (inverse-CDF sampling): one random number per row instead of one per vocabulary entry.
     """
-    want = [r.params.logprobs for r in reqs]
-    raw = logits.clone() if any(w is not None for w in want) else None
     apply_grammars(logits, reqs)
     _penalize(logits, reqs)
     _ban_stops_before_min_tokens(logits, reqs)
     chosen = logits.argmax(-1)
     rows = [i for i, r in enumerate(reqs) if not r.params.greedy]
     if rows:
-        idx = torch.tensor(rows, device=logits.device)
+        idx = _to_device(rows, logits.device)
         cdf = _truncate(logits[idx], [reqs[i] for i in rows]).softmax(-1).cumsum_(-1)
         u = _uniforms(reqs, rows, default_generator, logits.device) * cdf[:, -1]
         picked = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
         chosen[idx] = picked
+    return chosen
+
+
+def sample(logits: torch.Tensor, reqs: list[Request], default_generator: torch.Generator | None = None
+           ) -> SamplerOutput:
+    """sample_on_device, then the tokens (and the logprobs rows asked for) on the host."""
+    want = [r.params.logprobs for r in reqs]
+    raw = logits.clone() if any(w is not None for w in want) else None
+    chosen = sample_on_device(logits, reqs, default_generator)
     token_ids = chosen.tolist()
     logprobs: list = [None] * len(reqs)
     if raw is not None:

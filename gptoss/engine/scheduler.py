@@ -61,8 +61,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         for req in list(self.running):
-            if req not in self.running or budget == 0:
-                continue
+            if req not in self.running or budget == 0 or req.length_reached_with_pending:
+                continue  # (the last: it finishes when its pending token is read back)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.pool.allocate(req, n):
                 victim = self.running[-1]

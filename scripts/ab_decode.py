@@ -1,0 +1,68 @@
+"""A/B of MoE kernel configs in the whole model: batch-1 (and small-batch) decode ms/token with each
+config, alternated in one process on one GPU so clocks and the machine are the same for both.
+
+    python scripts/ab_decode.py [--ckpt /tmp/gptoss-20b] [--rounds 3]
+"""
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from gptoss import LLM, SamplingParams
+from gptoss.moe.triton_backends import default_config
+
+
+def variants(spec, act):
+    """name -> tokens -> MoEKernelConfig (None: the library default)."""
+    def no_split_gate_up(n):
+        c = default_config(n, spec, act)
+        return dataclasses.replace(c, gate_up=dataclasses.replace(c.gate_up, split_k=1))
+    return {"default": None, "gate_up split_k=1": no_split_gate_up}
+
+
+def decode_ms(llm, batch: int, n: int = 129) -> float:
+    p = [{"prompt_token_ids": list(range(100 + i, 164 + i))} for i in range(batch)]
+    sp = lambda k: SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)  # noqa: E731
+    llm.generate(p, sp(2), use_tqdm=False)
+    times = []
+    for k in (1, n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate(p, sp(k), use_tqdm=False)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return (times[1] - times[0]) / (n - 1) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", default="/tmp/gptoss-20b")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    a = ap.parse_args()
+    llm = LLM(a.ckpt, moe_backend="triton", max_model_len=1024, max_num_seqs=max(a.batch), progress=False,
+              enable_prefix_caching=False, kv_cache_memory_bytes=2 << 30)
+    eng = llm.engine
+    layers = eng.model.layers
+    spec, act = layers[0].mlp.experts.spec, layers[0].mlp.experts.act
+    res = {}
+    for _ in range(a.rounds):
+        for name, cfg in variants(spec, act).items():
+            for layer in layers:
+                layer.mlp.experts._config = cfg
+            eng.runner.capture_cuda_graphs(max(a.batch), eng.max_model_len, eng.kv_layout.window is not None)
+            for b in a.batch:
+                res.setdefault((name, b), []).append(decode_ms(llm, b))
+    print(f"GPU: {torch.cuda.get_device_name()}")
+    print("| variant | batch | ms/token (median) | runs | tok/s |")
+    print("|---|---|---|---|---|")
+    for (name, b), v in res.items():
+        m = statistics.median(v)
+        print(f"| {name} | {b} | {m:.3f} | {' '.join(f'{x:.3f}' for x in v)} | {b / m * 1e3:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
