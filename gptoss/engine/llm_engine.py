@@ -227,14 +227,13 @@ class LLMEngine:
             for i, req in enumerate(samplers):
                 req.num_pending += 1
                 req.pending_row = i
-            t2 = time.perf_counter()
             done = self._read_back() if self._inflight is not None else []
             self._inflight = (samplers, pending) if samplers else None
             t3 = time.perf_counter()
             self._computed(out)
         else:
             samplers, sampled = self.runner.execute(out)
-            t2 = t3 = time.perf_counter()
+            t3 = time.perf_counter()
             self._computed(out)
             for i, req in enumerate(samplers):
                 self._append_token(req, sampled.token_ids[i], sampled.logprobs[i])
