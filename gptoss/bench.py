@@ -189,9 +189,10 @@ def run_bench(llm, *, output_len: int, ttft_prompt_len: int, concurrencies: list
     if "throughput" in modes:
         for c in concurrencies:
             tps, host, pack = measure_throughput(llm, rng, c, input_len, throughput_output_len, runs)
+            hidden = " (hidden behind the GPU: async scheduling)" if llm.engine.async_scheduling else ""
             res.append(_say(BenchResult(f"throughput c={c}", tps, "out tok/s",
                                         f"{input_len} in / {throughput_output_len} out, host: scheduler + "
-                                        f"bookkeeping {host:.1f}%, step packing {pack:.1f}% of step time")))
+                                        f"bookkeeping {host:.1f}%, step packing {pack:.1f}% of step time{hidden}")))
     if "long_decode" in modes:
         steps = min(output_len, 64)
         res.append(_say(BenchResult(f"decode {long_batch} x {long_context} ctx",
