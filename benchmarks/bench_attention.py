@@ -177,6 +177,30 @@ def tune(copy_bw: float) -> dict[bool, AttentionOptions]:
     return best
 
 
+def tune_long(copy_bw: float, batch: int = 64, ctx: int = 32768) -> None:
+    """Decode options at the long-context case of issue 8 (batch 64 x 32k), both KV dtypes, one
+    cache each (the time of one step's attention in one layer)."""
+    print(f"\n## decode at batch {batch} x {ctx}: options, time us, % of copy bw")
+    for fp8 in (False, True):
+        cache = make_cache(batch, ctx, 16, fp8)
+        base = DEFAULT_FP8_OPTIONS if fp8 else DEFAULT_OPTIONS
+        for bn, warps, stages, per_sm in ((128, 4, 2, 4), (128, 4, 2, 8), (128, 4, 2, 16), (128, 4, 3, 8),
+                                          (128, 4, 4, 8), (64, 4, 3, 8), (64, 4, 4, 16), (256, 8, 2, 8),
+                                          (256, 4, 2, 8), (128, 8, 3, 8)):
+            o = replace(base, decode_block_n=bn, decode_num_warps=warps, decode_num_stages=stages,
+                        decode_programs_per_sm=per_sm)
+            label = f"{'fp8' if fp8 else 'bf16'} block_n {bn} warps {warps} stages {stages} programs/SM {per_sm}"
+            try:
+                t = run_decode(batch, ctx, fp8, opts=o, cache=cache)
+            except Exception as e:
+                print(f"{label}: failed {type(e).__name__}: {e}"[:300])
+                continue
+            pct = 100 * kv_bytes(batch, ctx, fp8) / (t * 1e-6) / 1e12 / copy_bw
+            print(f"{label}: {t:.1f} us {pct:.0f}%{' (default)' if o == base else ''}", flush=True)
+        del cache
+        torch.cuda.empty_cache()
+
+
 def sweep_splits(copy_bw: float) -> None:
     """% of copy bandwidth per number of context splits, decode tile and KV dtype."""
     print("\n## decode: % of copy bw by number of splits (block_size 16)")
@@ -259,6 +283,7 @@ def main() -> None:
     ap.add_argument("--accuracy", action="store_true", help="fp8 scale granularity table (CPU is fine)")
     ap.add_argument("--tune", action="store_true", help="sweep kernel options first, then print the tables")
     ap.add_argument("--sweep-splits", action="store_true", help="decode bandwidth by number of splits")
+    ap.add_argument("--tune-long", action="store_true", help="decode options at batch 64 x 32k, both KV dtypes")
     ap.add_argument("--block-size", type=int, nargs="+", default=[16])
     args = ap.parse_args()
     if args.accuracy:
@@ -272,6 +297,9 @@ def main() -> None:
           f"torch {torch.__version__}")
     if args.sweep_splits:
         sweep_splits(copy_bw)
+        return
+    if args.tune_long:
+        tune_long(copy_bw)
         return
     options = tune(copy_bw) if args.tune else {False: DEFAULT_OPTIONS, True: DEFAULT_FP8_OPTIONS}
     for bs in args.block_size:
