@@ -212,12 +212,12 @@ class LLMEngine:
         it returns are one step behind the GPU; the last call launches nothing and reads back the last."""
         overlap = self._overlaps()
         if self._inflight is not None and not overlap:
-            return self._read_back()  # a synchronous step must see every token first
+            return self._drain()  # a synchronous step must see every token first
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.requests:
             if self._inflight is not None:
-                return self._read_back()
+                return self._drain()
             if self.scheduler.running or self.scheduler.waiting:
                 raise RuntimeError("the scheduler could not schedule any request (KV cache too small?)")
             return []
@@ -259,6 +259,12 @@ class LLMEngine:
             if not req.finished:
                 self.pool.cache_full_blocks(req)
                 self.pool.release_out_of_window(req)
+
+    def _drain(self) -> list[Request]:
+        """Read back the step in flight, launching nothing (not counted in step_times)."""
+        got = self._read_back()
+        self._last_update = 0.0
+        return got
 
     def _read_back(self) -> list[Request]:
         """Wait for the step in flight's tokens and append them; a request that finished (or was
