@@ -50,35 +50,34 @@ def _sse_events(lines: list[str]) -> list:
     return events
 
 
-def _check_whole_chat_stream(events: list) -> str:
-    """A complete chat stream: one id, a role chunk first, one finish_reason, usage, then [DONE]."""
+def _check_whole_stream(events: list, obj: str) -> list:
+    """What every complete stream has: one id and object, no error, a usage chunk with max_tokens,
+    exactly one finish ("length": ignore_eos), then [DONE]. Returns the chunks."""
     assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
     chunks = events[:-1]
     assert all("error" not in c for c in chunks), chunks
     rid = chunks[0]["id"]
-    assert all(c["id"] == rid and c["object"] == "chat.completion.chunk" for c in chunks)
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    usage = chunks[-1]
-    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == MAX_TOKENS
+    assert all(c["id"] == rid and c["object"] == obj for c in chunks)
+    assert chunks[-1]["usage"]["completion_tokens"] == MAX_TOKENS
     finishes = [ch["finish_reason"] for c in chunks[:-1] for ch in c["choices"] if ch["finish_reason"]]
     assert finishes == ["length"], finishes  # ignore_eos: exactly max_tokens, then one finish
+    return chunks
+
+
+def _check_whole_chat_stream(events: list) -> str:
+    """A complete chat stream: besides the above, a role chunk first and deltas of known fields."""
+    chunks = _check_whole_stream(events, "chat.completion.chunk")
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == []
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     for c in chunks[1:-2]:
         delta = c["choices"][0]["delta"]
         assert set(delta) <= {"content", "reasoning_content", "tool_calls"} and delta, delta
-    return rid
+    return chunks[0]["id"]
 
 
 def _check_whole_completion_stream(events: list) -> str:
-    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
-    chunks = events[:-1]
-    assert all("error" not in c for c in chunks), chunks
-    rid = chunks[0]["id"]
-    assert all(c["id"] == rid and c["object"] == "text_completion" for c in chunks)
-    assert chunks[-1]["usage"]["completion_tokens"] == MAX_TOKENS
-    finishes = [ch["finish_reason"] for c in chunks[:-1] for ch in c["choices"] if ch["finish_reason"]]
-    assert finishes == ["length"]
-    return rid
+    return _check_whole_stream(events, "text_completion")[0]["id"]
 
 
 @pytest.fixture(scope="module")
