@@ -100,7 +100,7 @@ def measure_long_decode(llm, rng, batch: int, context: int, steps: int, runs: in
     in the full-attention layers, which is what the figure is about."""
     eng = llm.engine
     sch, pool = eng.scheduler, eng.pool
-    if sch.has_unfinished():
+    if eng.has_unfinished():
         raise RuntimeError("long_decode needs an idle engine")
     rates = []
     for i in range(runs + 1):  # the first run warms up and is not counted

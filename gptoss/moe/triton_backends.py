@@ -48,9 +48,9 @@ def default_config(num_tokens: int, spec: MoESpec, act: str, block_k: int = 0) -
                 bk = block_k or 128
                 return MoEKernelConfig(block_m=16, gate_up=GemmOptions(64, bk, 4, 3, split_k=4),
                                        down=GemmOptions(64, bk, 4, 3, split_k=4), fused_combine=True)
-            down = GemmOptions(64, block_k or 64, 4, 3, split_k=2) if rows < 4 else GemmOptions(128, block_k or 128, 4, 3)
-            return MoEKernelConfig(block_m=16, gate_up=GemmOptions(64, block_k or 64, 4, 3), down=down,
-                                   fused_combine=True)
+            bk = block_k or 64
+            down = GemmOptions(64, bk, 4, 3, split_k=2) if rows < 4 else GemmOptions(128, block_k or 128, 4, 3)
+            return MoEKernelConfig(block_m=16, gate_up=GemmOptions(64, bk, 4, 3), down=down, fused_combine=True)
         bk = block_k or 128
         return MoEKernelConfig(
             block_m=16,
@@ -59,12 +59,8 @@ def default_config(num_tokens: int, spec: MoESpec, act: str, block_k: int = 0) -
             fused_combine=True)
     bk = block_k or 64
     if rows <= 96:  # batch 128-768 decode (256 tokens: 368 us a layer, 392 with 128-wide gate_up tiles)
-        return MoEKernelConfig(
-            block_m=64,
-            gate_up=GemmOptions(block_n=256 if act == "bf16" else 128, block_k=bk, num_warps=8 if act == "bf16" else 4,
-                                num_stages=3 if act == "bf16" else 4),
-            down=GemmOptions(block_n=128, block_k=bk, num_warps=8, num_stages=3),
-            fused_combine=True)
+        gate_up = GemmOptions(256, bk, 8, 3) if act == "bf16" else GemmOptions(128, bk, 4, 4)
+        return MoEKernelConfig(block_m=64, gate_up=gate_up, down=GemmOptions(128, bk, 8, 3), fused_combine=True)
     return MoEKernelConfig(
         block_m=128,
         gate_up=GemmOptions(block_n=128, block_k=bk, num_warps=8, num_stages=3),
