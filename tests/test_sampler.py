@@ -38,3 +38,39 @@ def test_batched_penalties_match_per_row_reference():
     assert torch.allclose(logits, want, atol=1e-5)
     assert torch.equal(logits[0], before[0])  # no penalty asked: the row is untouched
     assert all(not torch.equal(logits[i], before[i]) for i in range(1, len(reqs)))
+
+
+def test_bf16_logits_sample_as_their_fp32_copy():
+    """The model hands the sampler logits in its own dtype: greedy rows that nothing edits take the
+    argmax as they are, the rest work on an fp32 copy; the tokens and logprobs are those of the fp32
+    copy, and the caller's bf16 tensor is left as it was."""
+    from gptoss.engine.request import Request
+    from gptoss.engine.sampler import sample
+
+    g = torch.Generator().manual_seed(11)
+    V = 300
+
+    def reqs(params, tokens):
+        out = []
+        for i, (p, (prompt, output)) in enumerate(zip(params, tokens)):
+            r = Request(f"r{i}", prompt, p, output_token_ids=list(output))
+            if p.seed is not None:
+                r.generator = torch.Generator().manual_seed(p.seed)
+            out.append(r)
+        return out
+
+    for params in ([SamplingParams(temperature=0)] * 3,
+                   [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.3),
+                    SamplingParams(temperature=0.8, top_k=20, seed=5), SamplingParams(temperature=0, logprobs=2)]):
+        logits = (torch.randn(len(params), V, generator=g) * 4).bfloat16()
+        kept = logits.clone()
+        tokens = [(torch.randint(0, V, (6,), generator=g).tolist(), torch.randint(0, V, (3,), generator=g).tolist())
+                  for _ in params]
+        seed = int(torch.randint(0, 2**31, (1,), generator=g))
+        got = sample(logits, reqs(params, tokens), torch.Generator().manual_seed(seed))
+        assert torch.equal(logits, kept)
+        ref = sample(logits.float(), reqs(params, tokens), torch.Generator().manual_seed(seed))
+        assert got.token_ids == ref.token_ids
+        assert got.logprobs == ref.logprobs
+        greedy = [i for i, p in enumerate(params) if p.temperature == 0 and p.repetition_penalty == 1.0]
+        assert [got.token_ids[i] for i in greedy] == logits[greedy].float().argmax(-1).tolist()

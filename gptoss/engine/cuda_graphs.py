@@ -62,8 +62,8 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, ctx: ForwardContext, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """A decode step of B = len(ids) sequences (one token each) -> fp32 logits [B, vocab] (or the
-        hidden states [B, H] without logits)."""
+        """A decode step of B = len(ids) sequences (one token each) -> logits [B, vocab] in the model
+        dtype (or the hidden states [B, H] without logits)."""
         B = ids.shape[0]
         b = next(s for s in self.sizes if s >= B)
         W = ctx.block_tables.shape[1]

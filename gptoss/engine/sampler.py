@@ -102,12 +102,17 @@ def _uniforms(reqs: list[Request], rows: list[int], default_generator, device) -
 
 def sample_on_device(logits: torch.Tensor, reqs: list[Request], default_generator: torch.Generator | None = None
                      ) -> torch.Tensor:
-    """logits [S, V] fp32, one row per request that samples this step (modified in place) -> the
-    chosen tokens, int64 [S] on the device, without waiting for the device.
+    """logits [S, V] (the model dtype; fp32 ones are modified in place), one row per request that
+    samples this step -> the chosen tokens, int64 [S] on the device, without waiting for the device.
 
     A sampled row draws one uniform u and takes the first token whose cumulative probability
     exceeds u (inverse-CDF sampling): one random number per row instead of one per vocabulary entry.
     """
+    if all(r.params.greedy and not r.needs_sync for r in reqs):
+        # nothing edits the logits: the argmax of bf16 logits is the argmax of their exact fp32 copy,
+        # and skipping that copy saves writing and reading 1.2 GB at batch 256 (0.2 ms of a 15 ms step)
+        return logits.argmax(-1)
+    logits = logits.float()
     apply_grammars(logits, reqs)
     _penalize(logits, reqs)
     _ban_stops_before_min_tokens(logits, reqs)
@@ -126,7 +131,7 @@ def sample(logits: torch.Tensor, reqs: list[Request], default_generator: torch.G
            ) -> SamplerOutput:
     """sample_on_device, then the tokens (and the logprobs rows asked for) on the host."""
     want = [r.params.logprobs for r in reqs]
-    raw = logits.clone() if any(w is not None for w in want) else None
+    raw = logits.to(torch.float32, copy=True) if any(w is not None for w in want) else None
     chosen = sample_on_device(logits, reqs, default_generator)
     token_ids = chosen.tolist()
     logprobs: list = [None] * len(reqs)

@@ -158,6 +158,7 @@ class Transformer(nn.Module):
         return x + delta
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [S, H] (the rows that sample) -> fp32 logits [S, vocab]."""
+        """hidden [S, H] (the rows that sample) -> logits [S, vocab] in the model dtype: the sampler
+        takes the argmax of greedy rows as they are and makes an fp32 copy only when it edits them."""
         with torch.profiler.record_function("unembed"):
-            return F.linear(self.norm(hidden), self.unembedding).float()
+            return F.linear(self.norm(hidden), self.unembedding)
