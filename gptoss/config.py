@@ -166,7 +166,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     block_size: int = 16
     enforce_eager: bool = False
-    async_scheduling: bool = True  # schedule step N+1 while step N runs (one process; off under TP)
+    async_scheduling: bool = True  # schedule step N+1 while step N runs
     seed: int = 0
     revision: str | None = None
 

@@ -36,8 +36,8 @@ def run(a) -> None:
     from gptoss.bench import measure_decode, measure_throughput
     llm = LLM(a.ckpt, moe_backend=a.moe_backend, tensor_parallel_size=a.tp, enable_expert_parallel=a.ep, dtype=a.dtype,
               max_model_len=4096, max_num_seqs=max(a.concurrency + [64]), enable_prefix_caching=False,
-              progress=False)
-    label = f"TP={a.tp}" + (" EP" if a.ep else "") + f" {a.dtype} {llm.engine.moe_backend}"
+              async_scheduling=not a.sync, progress=False)
+    label = f"TP={a.tp}" + (" EP" if a.ep else "") + f" {a.dtype} {llm.engine.moe_backend}" + (" sync" if a.sync else "")
     res: dict = {"label": label, "gpu": torch.cuda.get_device_name(), "cuda_graphs": llm.engine.cuda_graphs}
 
     def save():  # after every figure, so a run cut short by a timeout keeps what it measured
@@ -107,6 +107,7 @@ def main():
     r.add_argument("--num-prompts", type=int, default=64)
     r.add_argument("--longest", type=int, default=600, help="longest prompt (tokens)")
     r.add_argument("--out", required=True)
+    r.add_argument("--sync", action="store_true", help="async_scheduling=False")
     r.add_argument("--tokens", action="store_true", help="greedy tokens for the agreement check")
     r.add_argument("--batch1-too", action="store_true", help="and the same prompts one at a time")
     r.add_argument("--latency", action="store_true", help="batch-1 decode tokens/s")

@@ -60,3 +60,44 @@ def test_bad_parallel_sizes(tiny_ckpt):
     from gptoss.distributed import check_parallel_sizes
     with pytest.raises(ValueError, match="32 experts do not split evenly over 64"):
         check_parallel_sizes(ModelConfig(num_attention_heads=64), 64, True)
+
+
+def test_async_scheduling_under_tp_matches_single_process(tiny_llm, tiny_ckpt):
+    """Async steps under TP: rank 0 broadcasts the tokens a step's placeholders need, and every rank
+    fills them on its own device. Requests of different lengths, one whose penalty makes some steps
+    synchronous, and one that stops on a token string: the same tokens, text and finish reasons as
+    one process, with placeholders really sent."""
+    prompts = PROMPTS + [{"prompt_token_ids": list(range(900, 913))}, {"prompt_token_ids": [5, 6, 7, 8]}]
+    sps = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+           SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+           SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, repetition_penalty=1.3),
+           SamplingParams(temperature=0, max_tokens=11, ignore_eos=True)]
+    single = tiny_llm.generate(prompts, sps, use_tqdm=False)
+    # a stop string taken from the single-process text, so that the stop really happens mid-way
+    text = single[3].outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    sps[3] = SamplingParams(temperature=0, max_tokens=11, ignore_eos=True, stop=[stop])
+    single = tiny_llm.generate(prompts, sps, use_tqdm=False)
+    assert single[3].outputs[0].finish_reason == "stop"
+    llm = LLM(str(tiny_ckpt), dtype="float32", device="cpu", max_model_len=256, progress=False,
+              tensor_parallel_size=2)
+    try:
+        assert llm.engine.async_scheduling
+        runner, pending_steps = llm.engine.runner, []
+        pack = runner._pack
+
+        def counting_pack(out):
+            header, flat, samplers = pack(out)
+            pending_steps.append(header[7])
+            return header, flat, samplers
+
+        runner._pack = counting_pack
+        got = llm.generate(prompts, sps, use_tqdm=False)
+        assert sum(1 for p in pending_steps if p) >= 3
+        assert 0 in pending_steps  # the penalty's synchronous steps
+        for a, b in zip(got, single):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            assert a.outputs[0].text == b.outputs[0].text
+            assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
+    finally:
+        llm.engine.shutdown()

@@ -92,8 +92,8 @@ class LLMEngine:
         self.step_times = {"schedule": 0.0, "execute": 0.0, "update": 0.0, "steps": 0}
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, self.max_num_batched_tokens)
         # async scheduling: step N+1 is scheduled and launched before step N's tokens reach the host,
-        # so the host's scheduling, packing and bookkeeping hide behind the GPU's work (one process)
-        self.async_scheduling = config.async_scheduling and self.workers is None
+        # so the host's scheduling, packing and bookkeeping hide behind the GPU's work (TP ranks too)
+        self.async_scheduling = config.async_scheduling
         self._inflight: tuple[list[Request], PendingTokens] | None = None
         self._ids = itertools.count()
         self.driven_by_async = False  # set while an AsyncLLM steps this engine in its thread

@@ -153,7 +153,7 @@ class ModelRunner:
         header, flat, samplers = self._pack(out)
         self.pack_seconds += time.perf_counter() - t0
         if self.group is not None:
-            self.group.send_step(header, flat)
+            self.group.send_step(header, flat, prev.tokens if prev is not None else None)
         result, ctx, replayed = self.forward(header, flat, prev.tokens if prev is not None else None)
         if not samplers:
             return samplers, None

@@ -1,10 +1,14 @@
 """Tensor / expert parallel worker processes: ranks 1..N-1 of the group, started and stopped by rank 0.
 
-Rank 0 (the engine's process) schedules and samples; every step it broadcasts the step's packed int64
-tensor and all ranks run the forward in lockstep, all-reducing after attention and after the MoE.
-Only tensors cross between processes (torch.distributed over 127.0.0.1: gloo on CPU, NCCL on GPUs);
-the spawn arguments travel over multiprocessing's local pipe. Workers are daemons, so they end with
-the engine's process; a dead worker turns the next step into a clear error instead of a hang.
+Rank 0 (the engine's process) schedules and samples; every step it broadcasts the step's header
+(host ints, over a gloo group: a worker learns of the step as soon as rank 0 launches it, not when
+rank 0's GPU gets to it), its packed int64 tensor (on the device) and, when the step has pending
+tokens (async scheduling), the tokens rank 0 sampled the step before, so that every rank fills the
+placeholders the same way on its own device. All ranks run the forward in lockstep, all-reducing
+after attention and after the MoE. Only tensors cross between processes (torch.distributed over
+127.0.0.1: gloo on CPU, NCCL on GPUs); the spawn arguments travel over multiprocessing's local pipe.
+Workers are daemons, so they end with the engine's process; a dead worker turns the next step into a
+clear error instead of a hang.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class WorkerGroup:
         for p in self.procs:
             p.start()
         _init(0, self.world, port, device)
+        self.host_group = dist.new_group(backend="gloo", timeout=TIMEOUT)  # every rank creates it, in order
         self.parallel_state = ParallelState(self.world, 0, config.enable_expert_parallel, dist.group.WORLD)
         self._closed = False
 
@@ -83,12 +88,16 @@ class WorkerGroup:
         dist.broadcast(torch.tensor([layout.num_blocks, layout.num_swa_blocks, layout.window or 0,
                                      layout.max_chunk], dtype=torch.int64, device=self.device), src=0)
 
-    def send_step(self, header: list[int], flat: torch.Tensor) -> None:
+    def send_step(self, header: list[int], flat: torch.Tensor, prev_tokens: torch.Tensor | None) -> None:
+        """The step to every worker; prev_tokens: the tokens sampled the step before, when this step
+        has pending placeholders (header[7] > 0). Nothing here waits for rank 0's device."""
         self._check_alive()
         try:
-            dist.broadcast(torch.tensor([CMD_STEP, flat.numel()] + header, dtype=torch.int64,
-                                        device=self.device), src=0)
+            dist.broadcast(torch.tensor([CMD_STEP, flat.numel()] + header, dtype=torch.int64), src=0,
+                           group=self.host_group)
             dist.broadcast(flat, src=0)
+            if header[7]:
+                dist.broadcast(prev_tokens, src=0)
         except RuntimeError as e:
             self._check_alive()
             raise RuntimeError(f"tensor-parallel broadcast failed: {e}") from None
@@ -98,8 +107,8 @@ class WorkerGroup:
             return
         try:
             if not self._closed and all(p.is_alive() for p in self.procs):
-                dist.broadcast(torch.tensor([CMD_STOP] + [0] * (HEADER + 1), dtype=torch.int64,
-                                            device=self.device), src=0)
+                dist.broadcast(torch.tensor([CMD_STOP] + [0] * (HEADER + 1), dtype=torch.int64), src=0,
+                               group=self.host_group)
         except RuntimeError:
             pass
         self._closed = True
@@ -131,6 +140,7 @@ def _worker_main(rank: int, world: int, port: int, cfg: dict, device_type: str) 
     device = _rank_device(torch.device(device_type), rank)
     try:
         _init(rank, world, port, device)
+        host_group = dist.new_group(backend="gloo", timeout=TIMEOUT)
         root = resolve_model_path(config.model, config.revision)
         mc = ModelConfig.from_json(root / "config.json")
         dtype = _DTYPES.get(config.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -147,15 +157,21 @@ def _worker_main(rank: int, world: int, port: int, cfg: dict, device_type: str) 
         runner = worker.init_runner(KVLayout(nb, nswa, window or None, chunk), config)
         if worker.uses_cuda_graphs(config):  # in step with rank 0's capture: the all-reduces pair up
             runner.capture_cuda_graphs(config.max_num_seqs, max_len, window > 0, with_logits=False)
+        prev_samplers = 0  # rows the step before sampled on rank 0
         while True:
-            head = torch.zeros(HEADER + 2, dtype=torch.int64, device=device)
-            dist.broadcast(head, src=0)
+            head = torch.zeros(HEADER + 2, dtype=torch.int64)
+            dist.broadcast(head, src=0, group=host_group)
             cmd, n, *header = head.tolist()
             if cmd == CMD_STOP:
                 break
             flat = torch.empty(n, dtype=torch.int64, device=device)
             dist.broadcast(flat, src=0)
-            runner.forward(header, flat)
+            prev = None
+            if header[7]:  # pending placeholders: rank 0's tokens of the step before
+                prev = torch.empty(prev_samplers, dtype=torch.int64, device=device)
+                dist.broadcast(prev, src=0)
+            runner.forward(header, flat, prev)
+            prev_samplers = header[3]
     except Exception:
         traceback.print_exc()
         raise SystemExit(1)
