@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import os
 import socket
+import time
 import traceback
 
 import torch
@@ -29,6 +30,9 @@ from .model_runner import HEADER
 
 CMD_STEP, CMD_STOP = 1, 0
 TIMEOUT = datetime.timedelta(seconds=120)
+# the workers wait for the next step's header as long as the engine sits idle (a server between
+# requests): no timeout there. A rank 0 that dies closes the sockets, which ends the wait at once.
+IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
 def _free_port() -> int:
@@ -37,12 +41,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init(rank: int, world: int, port: int, device: torch.device) -> None:
+def _init(rank: int, world: int, port: int, device: torch.device, procs=()) -> None:
+    """Joins the process group. Rank 0 first waits for every worker to check in at the store while
+    watching its process, so a worker that dies while starting is an error at once, not a 120 s hang."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":  # rank 0's device may be plain "cuda": the current one, index 0
         torch.cuda.set_device(device.index if device.index is not None else 0)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=TIMEOUT)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=TIMEOUT, wait_for_workers=False)
+    if rank:
+        store.set(f"ready{rank}", "1")
+    else:
+        keys = [f"ready{r}" for r in range(1, world)]
+        deadline = time.monotonic() + TIMEOUT.total_seconds()
+        while not store.check(keys):
+            dead = [p for p in procs if not p.is_alive()]
+            if dead:
+                raise RuntimeError(
+                    f"tensor-parallel worker {dead[0].name} exited while starting (code {dead[0].exitcode}; its "
+                    "error is printed above). If it is about bootstrapping: workers are spawned processes that "
+                    "import the script creating the LLM, so guard its top level with "
+                    "`if __name__ == \"__main__\":`")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel workers did not start within {TIMEOUT.total_seconds():.0f} s")
+            time.sleep(0.05)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT)
 
 
 def _rank_device(base: torch.device, rank: int) -> torch.device:
@@ -66,8 +88,14 @@ class WorkerGroup:
                                   daemon=True, name=f"gptoss-tp{r}") for r in range(1, self.world)]
         for p in self.procs:
             p.start()
-        _init(0, self.world, port, device)
-        self.host_group = dist.new_group(backend="gloo", timeout=TIMEOUT)  # every rank creates it, in order
+        try:
+            _init(0, self.world, port, device, self.procs)
+        except BaseException:
+            for p in self.procs:
+                p.kill()
+                p.join(timeout=5)
+            raise
+        self.host_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)  # every rank creates it, in order
         self.parallel_state = ParallelState(self.world, 0, config.enable_expert_parallel, dist.group.WORLD)
         self._closed = False
 
@@ -140,7 +168,7 @@ def _worker_main(rank: int, world: int, port: int, cfg: dict, device_type: str) 
     device = _rank_device(torch.device(device_type), rank)
     try:
         _init(rank, world, port, device)
-        host_group = dist.new_group(backend="gloo", timeout=TIMEOUT)
+        host_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         root = resolve_model_path(config.model, config.revision)
         mc = ModelConfig.from_json(root / "config.json")
         dtype = _DTYPES.get(config.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
