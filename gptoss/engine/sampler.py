@@ -110,7 +110,7 @@ def sample_on_device(logits: torch.Tensor, reqs: list[Request], default_generato
     """
     if all(r.params.greedy and not r.needs_sync for r in reqs):
         # nothing edits the logits: the argmax of bf16 logits is the argmax of their exact fp32 copy,
-        # and skipping that copy saves writing and reading 1.2 GB at batch 256 (0.2 ms of a 15 ms step)
+        # and skipping that copy saves moving about 0.4 GB at batch 256 (0.14 ms of a 15 ms step)
         return logits.argmax(-1)
     logits = logits.float()
     apply_grammars(logits, reqs)
