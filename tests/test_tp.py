@@ -134,3 +134,19 @@ def test_unguarded_script_is_a_clear_error(tiny_ckpt, tmp_path):
     assert r.returncode != 0
     assert "exited while starting" in r.stderr and 'if __name__ == "__main__":' in r.stderr, r.stderr[-2000:]
     assert time.monotonic() - t0 < 60
+
+
+def test_second_shutdown_leaves_a_newer_engine_alone(tiny_ckpt):
+    """An engine shut down before may be shut down again (its __del__ does, whenever the garbage
+    collector gets to it): that must not destroy the process group a newer TP engine is using."""
+    kw = dict(dtype="float32", device="cpu", max_model_len=256, progress=False, tensor_parallel_size=2)
+    old = LLM(str(tiny_ckpt), **kw)
+    old.engine.shutdown()
+    llm = LLM(str(tiny_ckpt), **kw)
+    try:
+        old.engine.shutdown()
+        old.engine.workers.__del__()
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SP, use_tqdm=False)]
+        assert all(len(t) == SP.max_tokens for t in got)
+    finally:
+        llm.engine.shutdown()

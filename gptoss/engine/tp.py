@@ -95,9 +95,12 @@ class WorkerGroup:
                 p.kill()
                 p.join(timeout=5)
             raise
+        # this group owns the process's torch.distributed state until its shutdown; a second shutdown
+        # (the __del__ of an engine shut down before) must not destroy the state of a newer group
+        self._live = True
+        self._closed = False
         self.host_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)  # every rank creates it, in order
         self.parallel_state = ParallelState(self.world, 0, config.enable_expert_parallel, dist.group.WORLD)
-        self._closed = False
 
     def _check_alive(self) -> None:
         dead = [p for p in self.procs if not p.is_alive()]
@@ -131,8 +134,9 @@ class WorkerGroup:
             raise RuntimeError(f"tensor-parallel broadcast failed: {e}") from None
 
     def shutdown(self) -> None:
-        if not hasattr(self, "procs"):
+        if not getattr(self, "_live", False):
             return
+        self._live = False
         try:
             if not self._closed and all(p.is_alive() for p in self.procs):
                 dist.broadcast(torch.tensor([CMD_STOP] + [0] * (HEADER + 1), dtype=torch.int64), src=0,
