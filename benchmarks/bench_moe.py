@@ -135,11 +135,28 @@ _ASM = {"dec": ([16],
         # prefill (TTFT at 2k tokens: 256 rows per expert); the first pair is default_config's
         "pre": ([128, 64], [_G(128, 64, 8, 3), _G(128, 64, 8, 4), _G(128, 128, 8, 3), _G(256, 64, 8, 3)],
                 [_G(128, 64, 8, 3), _G(128, 64, 4, 4), _G(128, 128, 8, 3), _G(64, 64, 4, 4)])}
+# the "fragments" weight layout (weights as the MMA's A operand from registers, so always swap_ab;
+# block_m is the MMA's N)
+_FRAG = {"dec": ([16], [_G(64, 128, 4, 3, True), _G(64, 128, 4, 4, True), _G(128, 128, 4, 3, True),
+                        _G(64, 64, 4, 4, True), _G(64, 128, 4, 3, True, 2), _G(64, 128, 4, 3, True, 4),
+                        _G(128, 128, 8, 3, True), _G(64, 256, 4, 2, True),
+                        # weights straight into registers, 1-2 K steps ahead, no shared-memory stages
+                        _G(64, 128, 4, 1, True, 4, 2), _G(64, 128, 4, 1, True, 1, 2), _G(128, 128, 4, 1, True, 2, 1)],
+                 [_G(64, 128, 4, 3, True, 2), _G(64, 128, 4, 3, True, 4), _G(128, 128, 4, 3, True, 2),
+                  _G(64, 64, 4, 4, True, 2), _G(64, 128, 4, 3, True), _G(64, 256, 4, 2, True, 2),
+                  _G(64, 128, 4, 1, True, 4, 2), _G(64, 128, 4, 1, True, 2, 2)]),
+         "mid": ([64, 32], [_G(128, 64, 4, 4, True), _G(128, 128, 4, 3, True), _G(256, 64, 8, 3, True),
+                            _G(64, 128, 4, 3, True), _G(128, 128, 8, 3, True), _G(128, 128, 4, 1, True, 1, 2)],
+                 [_G(128, 64, 4, 4, True), _G(128, 128, 4, 3, True), _G(64, 128, 4, 3, True),
+                  _G(128, 128, 4, 3, True, 2)]),
+         "pre": ([128, 64], [_G(128, 64, 8, 3, True), _G(128, 128, 8, 3, True), _G(256, 64, 8, 3, True),
+                             _G(128, 64, 4, 4, True), _G(256, 128, 8, 2, True)],
+                 [_G(128, 64, 8, 3, True), _G(128, 64, 4, 4, True), _G(128, 128, 8, 3, True),
+                  _G(256, 64, 8, 3, True)])}
 # decode without the MMA (gemv=True: upcast weights times the rows in fp32 FMAs), 1-2 rows per program;
 # swept beside "dec" (not timed on a GPU yet)
 _GEMV = ([1, 2],
-         [_G(32, 128, 4, 3, gemv=True), _G(64, 128, 4, 2, gemv=True), _G(16, 256, 4, 2, gemv=True),
-          _G(32, 128, 4, 3, split_k=4, gemv=True)],
+         [_G(32, 128, 4, 3, gemv=True), _G(64, 128, 4, 2, gemv=True), _G(32, 128, 4, 3, split_k=4, gemv=True)],
          [_G(32, 128, 4, 3, split_k=2, gemv=True), _G(64, 128, 4, 2, split_k=2, gemv=True),
           _G(16, 256, 4, 2, split_k=4, gemv=True)])
 # the checkpoint-code path (tl.dot_scaled), its best tiles of earlier sweeps
@@ -159,13 +176,13 @@ def sweep(args, spec, copy_tbs, gpu) -> dict:
     gen = torch.Generator(device=args.device).manual_seed(0)
     weights = [random_weights(spec, gen, args.device) for _ in range(args.layers)]
     H, I, k, E = spec.hidden_size, spec.intermediate_size, spec.top_k, spec.local_experts
-    encs = {"asm": "bf16x2", "dot_scaled": "e2m1"}
+    encs = {"asm": ("bf16x2", False), "dot_scaled": ("e2m1", False), "fragments": ("bf16x2", True)}
     best: dict = {}
     print("| GPU | tokens | upcast | gemm | block_m | options | time us | TB/s | TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for upcast in args.upcasts:
-        ws = [(prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, encs[upcast]),
-               prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, encs[upcast]),
+        ws = [(prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, *encs[upcast]),
+               prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, *encs[upcast]),
                w.gate_up_bias.float(), w.down_bias.float()) for w in weights]
         for T in args.tokens:
             x = torch.randn(T, H, generator=gen, device=args.device).bfloat16()
@@ -175,7 +192,7 @@ def sweep(args, spec, copy_tbs, gpu) -> dict:
             bytes_dn = active * (H * I // 2 + H * I // 32)
             fl_up, fl_dn = 2 * T * k * 2 * I * H, 2 * T * k * I * H
             reg = _regime(T * k / E)
-            cands = [(_ASM if upcast == "asm" else _DOT_SCALED)[reg]]
+            cands = [{"asm": _ASM, "dot_scaled": _DOT_SCALED, "fragments": _FRAG}[upcast][reg]]
             if upcast == "asm" and reg == "dec":
                 cands.append(_GEMV)
             for bm, ups, dns in [(bm, ups, dns) for bms, ups, dns in cands for bm in bms]:
@@ -246,7 +263,8 @@ def main():
     p.add_argument("--layout-block-k", type=int, default=0, help="re-lay weights k-blocked (0: checkpoint rows)")
     p.add_argument("--sweep", action="store_true",
                    help="time tile candidates of the bf16 GEMMs, then the table with the fastest")
-    p.add_argument("--upcasts", default="asm,dot_scaled", help="the sweep's weight paths for \"triton\"")
+    p.add_argument("--upcasts", default="asm,dot_scaled",
+                   help="the sweep's weight paths for \"triton\": asm, dot_scaled, fragments (asm + the fragments layout)")
     p.add_argument("--dry", action="store_true", help="run each call once untimed (checks the script; CPU "
                    "with TRITON_INTERPRET=1 and tiny shapes)")
     args = p.parse_args()

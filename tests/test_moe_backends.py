@@ -22,6 +22,7 @@ the fp8/mxfp8 kernels agree to float32 accumulation order: max 5e-3, RMS 5e-4 (f
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -251,6 +252,63 @@ def test_gemms_match_twins(interp, act, swap, layout_bk, fused, enc, prefetch):
     assert em < 4e-3 and er < 5e-4, (em, er)
 
 
+def check_fragments(G, R, g, device, T, block_m, opts, E=4, k=2, H=160, I=96, tol=(4e-3, 5e-4)):
+    """Both GEMMs with "fragments" weights against the twins of the checkpoint-layout weights."""
+    w = random_weights(MoESpec(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I), g, device)
+    x = torch.randn(T, H, generator=g, device=device).bfloat16()
+    r = R.moe_routing(distinct_logits(T, E, g, device), k, 0, E, R.RoutingOptions(block_m=block_m))
+    b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
+    f1, f2, c1, c2 = (G.prepare_mxfp4_weight(b, s, 0, False, enc, frag)
+                      for enc, frag in (("bf16x2", True), ("e2m1", False)) for b, s in
+                      ((w.gate_up_blocks, w.gate_up_scales), (w.down_blocks, w.down_scales)))
+    assert f1.fragments and f1.data.shape == (E, 2 * I // 4, 2 * ((H + 63) // 64 * 64))
+    for o in opts:
+        fused = o.split_k > 1 or block_m == 16
+        a, _ = G.moe_gate_up(x, r, f1, b1, "bf16", 1.702, 7.0, o)
+        a_t, _ = G.moe_gate_up_torch(x, r, c1, b1, "bf16", 1.702, 7.0, o)
+        em, er = errors(a[:T * k], a_t[:T * k])
+        assert em < tol[0] and er < tol[1], ("gate_up", o, em, er)
+        y = G.moe_down(a, None, r, f2, b2, "bf16", o, 0, E, fused, torch.bfloat16)
+        y_t = G.moe_down_torch(a, None, r, c2, b2, "bf16", o, 0, E, fused, torch.bfloat16)
+        em, er = errors(y, y_t)
+        assert em < max(tol[0], 2 ** -7 + 1e-4) and er < tol[1], ("down", o, em, er)
+    with pytest.raises(ValueError, match="needs swap_ab=True"):
+        G.moe_gate_up(x, r, f1, b1, "bf16", 1.702, 7.0, G.GemmOptions(block_n=64, block_k=64))
+    return w
+
+
+def test_fragments_layout_roundtrip():
+    from gptoss.kernels import moe_gemm as G
+    g = torch.Generator().manual_seed(3)
+    for K in (64, 96, 160):  # Kp 64, 128, 192: zero padding on the last two
+        d = torch.randint(0, 256, (2, 32, K // 2), generator=g, dtype=torch.uint8)
+        s = torch.randint(0, 256, (2, 32, K // 32), generator=g, dtype=torch.uint8)
+        D, S = G.swizzle_fragments(d, s)
+        # the documented position of one byte and one scale: n = 16G + 8h + 2p + s, j = 32C + 8q + 4w + t
+        for (Gi, h, p, si, C, q, w, t) in ((1, 1, 2, 1, 0, 3, 1, 2), (0, 0, 3, 0, K // 64 - 1, 1, 0, 3)):
+            n, j = 16 * Gi + 8 * h + 2 * p + si, 32 * C + 8 * q + 4 * w + t
+            if 2 * j < K:
+                assert D[1, 4 * Gi + p, 128 * C + 64 * si + 16 * t + 4 * q + 2 * w + h] == d[1, n, j]
+                assert S[1, 4 * Gi + p, 8 * C + 4 * si + 2 * (q // 2) + h] == s[1, n, j // 16]
+        d2, s2 = G.unswizzle_fragments(D, S, K)
+        assert torch.equal(d2, d) and torch.equal(s2, s)
+        wf = G.prepare_mxfp4_weight(d.reshape(2, 32, K // 32, 16), s, 0, False, "bf16x2", True)
+        blocks, scales = wf.checkpoint_layout()
+        assert torch.equal(blocks.reshape(2, 32, K // 2), d) and torch.equal(scales, s)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        G.swizzle_fragments(d[:, :24], s[:, :24])
+    with pytest.raises(ValueError, match="fragments layout takes"):
+        G.prepare_mxfp4_weight(d.reshape(2, 32, K // 32, 16), s, 0, False, "e2m1", True)
+
+
+def test_fragments_match_twins(interp):
+    # K = 160 / 96 pad to 192 / 128 (zero codes); down's N = 160 leaves a half N tile of stored rows
+    G, R = interp.gemm, interp.routing
+    opts = [G.GemmOptions(64, 64, swap_ab=True), G.GemmOptions(64, 128, swap_ab=True, split_k=2, prefetch=1),
+            G.GemmOptions(32, 64, swap_ab=True, prefetch=2)]
+    check_fragments(G, R, torch.Generator().manual_seed(17), "cpu", 5, 16, opts)
+
+
 def check_gemv(G, R, g, device, T, block_m, up, down, fused, E=4, k=2, H=160, I=96):
     """Both GEMMs on the no-MMA path against their twins; returns (x, routing, w1, b1, weights)."""
     w = random_weights(MoESpec(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I), g, device)
@@ -321,8 +379,10 @@ def test_backend_matches_torch_interpreted(interp, name, T, one_expert):
     spec = MoESpec(num_experts=8, top_k=4, hidden_size=64, intermediate_size=64)
     kw = {}
     if one_expert:  # every token's first expert the same; prefill-style tiles, atomics combine
-        kw["config"] = B.MoEKernelConfig(block_m=32, gate_up=G.GemmOptions(block_n=64, block_k=64),
-                                         down=G.GemmOptions(block_n=64, block_k=64), fused_combine=True)
+        swap = name == "triton"  # its default "fragments" weights take swap_ab tiles only
+        kw["config"] = B.MoEKernelConfig(block_m=32, gate_up=G.GemmOptions(block_n=64, block_k=64, swap_ab=swap),
+                                         down=G.GemmOptions(block_n=64, block_k=64, swap_ab=swap),
+                                         fused_combine=True)
     out, ref = _backend_case(cls, spec, T, seed=T, one_expert=one_expert, **kw)
     assert_backend_close(out, ref, ACT[name], (name, T))
 
@@ -338,24 +398,26 @@ def test_expert_and_tensor_parallel_slices_interpreted(interp):
     x = torch.randn(4, 64, generator=g).bfloat16()
     lg = distinct_logits(4, 8, g)
     ref = torch_backend(w, full).forward(x, lg).float()
-    cfg = interp.backends.MoEKernelConfig(
-        gate_up=interp.gemm.GemmOptions(block_n=64, block_k=32, prefetch=1),
-        down=interp.gemm.GemmOptions(block_n=64, block_k=32, prefetch=1))
+    G_ = interp.gemm.GemmOptions
+    cfgs = {"asm": interp.backends.MoEKernelConfig(gate_up=G_(block_n=64, block_k=32, prefetch=1),
+                                                   down=G_(block_n=64, block_k=32, prefetch=1)),
+            "fragments": interp.backends.MoEKernelConfig(gate_up=G_(block_n=64, block_k=64, swap_ab=True),
+                                                         down=G_(block_n=64, block_k=64, swap_ab=True))}
     ranks = {  # EP: half the experts each; TP: half the intermediate dimension, one down bias
         "ep": [(MoESpec(8, 2, 64, 64, expert_start=4 * r, num_local_experts=4),
                 slice_weights(w, experts=slice(4 * r, 4 * r + 4))) for r in range(2)],
         "tp": [(MoESpec(8, 2, 64, 32, add_down_bias=r == 0),
                 slice_weights(w, inter=slice(32 * r, 32 * r + 32))) for r in range(2)],
     }
-    for mode, shards in ranks.items():
+    for (mode, shards), (upcast, cfg) in itertools.product(ranks.items(), cfgs.items()):
         parts = []
         for spec, wr in shards:
-            out = cls(wr, spec, torch.bfloat16, config=cfg).forward(x, lg)
+            out = cls(wr, spec, torch.bfloat16, config=cfg, upcast=upcast).forward(x, lg)
             em, er = errors(out, torch_backend(wr, spec).forward(x, lg))
-            assert em < 2e-2 and er < 4e-3, mode
+            assert em < 2e-2 and er < 4e-3, (mode, upcast)
             parts.append(out.float())
         em, er = errors(parts[0] + parts[1], ref)
-        assert em < 2e-2 and er < 4e-3, mode
+        assert em < 2e-2 and er < 4e-3, (mode, upcast)
 
 
 # ----------------------------------------------------------------------------- GPU: the gpt-oss shapes
@@ -464,6 +526,21 @@ def test_gemv_matches_twins_gpu(T, block_m, split):
     o = G.GemmOptions(block_n=32, block_k=128, split_k=split, gemv=True)
     check_gemv(G, R, torch.Generator(device="cuda").manual_seed(5 + T), "cuda", T, block_m, o, o, True,
                E=32, k=4, H=2880, I=2880)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,block_m", [(1, 16), (40, 16), (300, 64), (2048, 128)])
+def test_fragments_match_twins_gpu(T, block_m):
+    from gptoss.kernels import moe_gemm as G
+    from gptoss.kernels import moe_routing as R
+    G_ = G.GemmOptions
+    opts = [G_(64, 128, 4, 3, True), G_(128, 64, 4, 4, True), G_(128, 64, 8, 3, True), G_(64, 128, 4, 3, True, 4),
+            G_(256, 64, 8, 3, True)]
+    check_fragments(G, R, torch.Generator(device="cuda").manual_seed(T), "cuda", T, block_m, opts,
+                    E=32, k=4, H=2880, I=2880, tol=(5e-3, 5e-4))
+    # a TP rank's down GEMM: K = 1440 pads to 1472
+    check_fragments(G, R, torch.Generator(device="cuda").manual_seed(T + 1), "cuda", T, block_m, opts[:2],
+                    E=32, k=4, H=2880, I=1440, tol=(5e-3, 5e-4))
 
 
 @pytest.mark.gpu

@@ -21,9 +21,11 @@ Activations (`act`) and how the MXFP4 tile reaches the tensor cores:
            through tl.dot_scaled (native on Blackwell; Triton emulates it elsewhere).
 Each op has a plain-torch twin (`*_torch`) with the same signature.
 
-Weights: `MXFP4Weight` holds one projection of the local experts, either in the checkpoint's row
-layout ([E, N, K/2] bytes) or k-blocked ([E, K/BK, N, BK/2], K padded to BK with zero codes) so that
-each tile a program loads is one contiguous run; a k-blocked weight fixes the kernels' block_k.
+Weights: `MXFP4Weight` holds one projection of the local experts, in the checkpoint's row layout
+([E, N, K/2] bytes), k-blocked ([E, K/BK, N, BK/2], K padded to BK with zero codes) so that each tile
+a program loads is one contiguous run (a k-blocked weight fixes the kernels' block_k), or in the
+"fragments" layout ([E, N/4, 2Kp], see swizzle_fragments): the weights become the MMA's A operand
+in registers (swap_ab), with no shared-memory round trip for the upcast tile; "triton"'s default.
 Interpreter traps handled here (TRITON_INTERPRET=1, Triton 3.9): tl.dot on bf16/fp8 is wrong (we
 feed it fp32 of the exact values), fp32 -> bf16 truncates and fp32 -> e4m3 drops the rounding carry
 (we round in fp32 first), and inline asm does not exist (the same bit ops in plain Triton).
@@ -84,6 +86,47 @@ def decode_bf16x2(data: torch.Tensor) -> torch.Tensor:
     return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8).reshape(data.shape)
 
 
+# "fragments" layout (Hopper): the weights are the MMA's A operand, upcast in registers, and each
+# thread's bytes of four 16-deep MMA steps lie in one 16-byte run (one vector load, no shared-memory
+# round trip). An A fragment of 16 rows x 16 codes gives lane 4g + t rows g and g + 8, codes 2t, 2t + 1
+# and 2t + 8, 2t + 9 (bytes t and t + 4). Weight byte (n, j) with
+#     n = 16G + 8h + 2p + s,   j = 32C + 8q + 4w + t     (h, s, w in 0..1; p, q, t in 0..3)
+# is stored at row 4G + p, column 128C + 64s + 16t + 4q + 2w + h: the lane of row g = 2p + s reads
+# columns 128C + 64s + 16t .. +16, and the lanes of rows 2p and 2p + 1 fill one 128-byte line. Each
+# 4-byte word is then one k16 step of one lane (rows g, g+8 x bytes t, t+4), "bf16x2"-encoded. The
+# scale of (n, block 2C + q // 2) is stored at row 4G + p, column 8C + 4s + 2(q // 2) + h.
+_FRAG_DATA = (0, 1, 3, 5, 4, 8, 6, 7, 2)  # [E, G, h, p, s, C, q, w, t] -> [E, G, p, C, s, t, q, w, h]
+_FRAG_SCALES = (0, 1, 3, 5, 4, 6, 2)      # [E, G, h, p, s, C, qh] -> [E, G, p, C, s, qh, h]
+
+
+def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(range(len(perm)), key=perm.__getitem__))
+
+
+def swizzle_fragments(data: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-layout bytes [E, N, K/2] and scales [E, N, K/32] -> the "fragments" layout: bytes
+    [E, N/4, 2Kp], scales [E, N/4, Kp/8], K padded to Kp (a multiple of 64) with zero codes."""
+    E, N, KH = data.shape
+    if N % 16:
+        raise ValueError(f"the fragments layout needs a multiple of 16 weight rows, got {N}")
+    kp = -(-2 * KH // 64) * 64
+    data = torch.nn.functional.pad(data, (0, kp // 2 - KH))
+    scales = torch.nn.functional.pad(scales, (0, kp // 32 - scales.shape[-1]))
+    d = data.reshape(E, N // 16, 2, 4, 2, kp // 64, 4, 2, 4).permute(_FRAG_DATA).reshape(E, N // 4, 2 * kp)
+    s = scales.reshape(E, N // 16, 2, 4, 2, kp // 64, 2).permute(_FRAG_SCALES).reshape(E, N // 4, kp // 8)
+    return d.contiguous(), s.contiguous()
+
+
+def unswizzle_fragments(data: torch.Tensor, scales: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of swizzle_fragments: bytes [E, N, K/2], scales [E, N, K/32] (padding dropped)."""
+    E, R, B = data.shape
+    kp = B // 2
+    d = data.reshape(E, R // 4, 4, kp // 64, 2, 4, 4, 2, 2).permute(_inverse(_FRAG_DATA))
+    s = scales.reshape(E, R // 4, 4, kp // 64, 2, 2, 2).permute(_inverse(_FRAG_SCALES))
+    return (d.reshape(E, 4 * R, kp // 2)[..., : k // 2].contiguous(),
+            s.reshape(E, 4 * R, kp // 32)[..., : k // 32].contiguous())
+
+
 @dataclass(frozen=True)
 class GemmOptions:
     """Tiles of one grouped GEMM. block_n counts weight rows (gate_up: block_n/2 SwiGLU outputs)."""
@@ -111,6 +154,7 @@ class MXFP4Weight:
     k: int
     block_k: int = 0              # 0: row layout; else the k-blocked layout's BK
     encoding: str = "e2m1"        # "e2m1": checkpoint bytes; "bf16x2": re-packed for the asm upcast
+    fragments: bool = False       # the "fragments" layout (swizzle_fragments), "bf16x2" and swap_ab only
     fp8_shift: torch.Tensor | None = None      # uint8, like scales: s_max(row) - s, for "fp8"
     fp8_row_scale: torch.Tensor | None = None  # float32 [E, N]: 2^(s_max - 133), for "fp8"
 
@@ -121,6 +165,8 @@ class MXFP4Weight:
     def strides(self, block_k: int) -> tuple[int, int, int, int, int, int]:
         """(expert, row, k-block) strides of data and of scales for kernel tiles of block_k."""
         d, s = self.data, self.scales
+        if self.fragments:  # a K step of block_k codes: 2 * block_k bytes and block_k / 8 scales a row
+            return d.stride(0), d.stride(1), 2 * block_k, s.stride(0), s.stride(1), block_k // 8
         if self.block_k:
             return d.stride(0), d.stride(2), d.stride(1), s.stride(0), s.stride(2), s.stride(1)
         return d.stride(0), d.stride(1), block_k // 2, s.stride(0), s.stride(1), block_k // 32
@@ -133,21 +179,30 @@ class MXFP4Weight:
             s = s.permute(0, 2, 1, 3).flatten(2)[:, :, : self.k // 32]
         if self.encoding == "bf16x2":
             d = decode_bf16x2(d)
+        if self.fragments:
+            d, s = unswizzle_fragments(d, s, self.k)
         return d.reshape(d.shape[0], self.n, self.k // 32, 16), s
 
 
 def prepare_mxfp4_weight(blocks: torch.Tensor, scales: torch.Tensor, block_k: int = 0,
-                         fp8: bool = False, encoding: str = "e2m1") -> MXFP4Weight:
+                         fp8: bool = False, encoding: str = "e2m1", fragments: bool = False) -> MXFP4Weight:
     """blocks [E, N, K/32, 16], scales [E, N, K/32] (checkpoint layout) -> MXFP4Weight.
 
     block_k 0 keeps the row layout (a view, no copy, unless re-encoded); a power of two >= 32
     re-lays the weight k-blocked. fp8 adds the per-block shifts and per-row scales the "fp8"
-    activations need. encoding "bf16x2" re-packs the codes for the "bf16" kernels' asm upcast."""
+    activations need. encoding "bf16x2" re-packs the codes for the "bf16" kernels' asm upcast.
+    fragments (with "bf16x2" only): the layout of swizzle_fragments, for swap_ab kernels."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding={encoding!r}; choose one of {ENCODINGS}")
     E, N, KB, _ = blocks.shape
     K = KB * 32
     data = blocks.reshape(E, N, K // 2)
+    if fragments:
+        if encoding != "bf16x2" or block_k or fp8:
+            raise ValueError("the fragments layout takes encoding='bf16x2', block_k=0 and fp8=False")
+        d, sc = swizzle_fragments(data, scales)
+        d = torch.stack([encode_bf16x2(d[e]) for e in range(E)]) if E else d
+        return MXFP4Weight(d, sc, N, K, 0, encoding, fragments=True)
     if encoding == "bf16x2":  # one expert at a time: the int32 temporaries are 16x the bytes
         data = torch.stack([encode_bf16x2(data[e]) for e in range(E)]) if E else data.clone()
     sc = scales
@@ -271,14 +326,14 @@ def _upcast_bf16x2_tl(wb, sc, BN: tl.constexpr, BK: tl.constexpr):
     o1 = (w << 3) & m
     o2 = (w << 6) & m
     o3 = ((w << 1) & 0x80008000) | ((w >> 3) & 0x01800180) | ((w >> 7) & 0x00400040)
-    s = tl.max(tl.reshape(sc.to(tl.float32), (BN, BK // 8, 4)), axis=2)[:, :, None, None]
+    s = sc.to(tl.float32)  # each byte's scale (the asm: bytes 0, 1's for 0, 1 and 2, 3, which match)
     # join(join(a, b), join(c, d)) flattens to a, c, b, d
     r0 = tl.join(tl.join(_bf16_of(o0, False), _bf16_of(o1, False)),
                  tl.join(_bf16_of(o0, True), _bf16_of(o1, True)))
     r1 = tl.join(tl.join(_bf16_of(o2, False), _bf16_of(o3, False)),
                  tl.join(_bf16_of(o2, True), _bf16_of(o3, True)))
-    r0 = tl.reshape(r0 * 8.507059173023462e+37 * s, (BN, BK // 2)).to(tl.bfloat16)  # * 2^126, exact
-    r1 = tl.reshape(r1 * 8.507059173023462e+37 * s, (BN, BK // 2)).to(tl.bfloat16)
+    r0 = (tl.reshape(r0, (BN, BK // 2)) * 8.507059173023462e+37 * s).to(tl.bfloat16)  # * 2^126, exact
+    r1 = (tl.reshape(r1, (BN, BK // 2)) * 8.507059173023462e+37 * s).to(tl.bfloat16)
     return r0, r1
 
 
@@ -332,52 +387,111 @@ def _dequant_bf16x2(w, ws, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.con
 
 
 @triton.jit
-def _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi,
-            stride_wn, stride_wkb, stride_sn, stride_skb,
-            BLOCK_K: tl.constexpr, ACT: tl.constexpr, W_ROWS: tl.constexpr, EVEN_K: tl.constexpr,
-            MASK_W: tl.constexpr):
-    """The tiles of one K step: a [BM, BK], w packed ([BN, BK/2] if W_ROWS else [BK/2, BN]), scales
-    [BN, BK/32] and (fp8) shifts; all masked off past k_hi (a prefetch beyond the loop's end)."""
+def _dequant_fragments(w, ws, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):
+    """A "fragments" tile (swizzle_fragments) w [BN/4, 2BK] bytes, ws [BN/4, BK/8] -> bf16 [BN, BK].
+
+    Upcast as stored (each 4-byte word one lane's k16 step, both of its rows), then the reshape /
+    permute back to [BN, BK], which Triton can lay out as the MMA's A fragments without moving data."""
+    R: tl.constexpr = BN // 4
+    sc = (ws.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)  # 2^(s-127); columns (C, s, q // 2, h)
+    sc = tl.broadcast_to(tl.reshape(sc, (R, BK // 64, 2, 1, 2, 1, 1, 2)), (R, BK // 64, 2, 4, 2, 2, 2, 2))
+    sc = tl.reshape(sc, (R, 2 * BK))  # each stored byte's scale: columns (C, s, t, q, w, h)
+    v = _upcast_bf16x2(w, sc, R, 4 * BK, INTERPRET)  # each byte's two codes, low nibble first
+    v = tl.reshape(v, (BN // 16, 4, BK // 64, 2, 4, 4, 2, 2, 2))  # G, p, C, s, t, q, w, h, nibble
+    v = tl.permute(v, (0, 7, 1, 3, 2, 5, 6, 4, 8))                 # G, h, p, s, C, q, w, t, nibble
+    return tl.reshape(v, (BN, BK))
+
+
+@triton.jit
+def _load_aw(a_ptr, a_row_off, m_mask, w_ptr, n, n_mask, K, k0, k_hi, stride_wn, stride_wkb,
+             BLOCK_K: tl.constexpr, W_ROWS: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
+             FRAG: tl.constexpr):
+    """The activation tile a [BM, BK] and the packed weight tile of one K step: [BN, BK/2] if W_ROWS
+    else [BK/2, BN]; FRAG: n holds stored rows and w is [BN/4, 2BK] (swizzle_fragments). All masked
+    off past k_hi (a prefetch beyond the loop's end): vectors, not a scalar, so that every mask has
+    its tile's shape."""
     offs_k = tl.arange(0, BLOCK_K)
-    offs_kh = tl.arange(0, BLOCK_K // 2)
-    offs_ks = tl.arange(0, BLOCK_K // 32)
     kb = k0 // BLOCK_K
-    # past k_hi (a prefetch beyond the loop's end) everything is masked off; vectors, not a scalar,
-    # so that every mask has its tile's shape
     if EVEN_K:
         k_ok = (k0 + offs_k * 0) < k_hi
     else:
         k_ok = ((k0 + offs_k) < K) & ((k0 + offs_k * 0) < k_hi)
     a = tl.load(a_ptr + a_row_off[:, None] + (k0 + offs_k)[None, :], mask=m_mask[:, None] & k_ok[None, :],
                 other=0.0)
-    s_off = n[:, None] * stride_sn + kb * stride_skb + offs_ks[None, :]  # [BN, BK/32]
-    if MASK_W:  # row layout and K not a multiple of BLOCK_K (k-blocked weights are padded)
-        s_ok = ((k0 // 32 + offs_ks) < K // 32) & ((k0 + offs_ks * 0) < k_hi)
-        h_ok = ((k0 // 2 + offs_kh) < K // 2) & ((k0 + offs_kh * 0) < k_hi)
+    if FRAG:  # a stored row holds 2 * Kp bytes, Kp = K padded to 64
+        offs_c = tl.arange(0, 2 * BLOCK_K)
+        c_ok = ((2 * k0 + offs_c) < 2 * ((K + 63) // 64 * 64)) & ((k0 + offs_c * 0) < k_hi)
+        w = tl.load(w_ptr + n[:, None] * stride_wn + kb * stride_wkb + offs_c[None, :],
+                    mask=n_mask[:, None] & c_ok[None, :], other=0)
     else:
-        s_ok = (k0 + offs_ks * 0) < k_hi
-        h_ok = (k0 + offs_kh * 0) < k_hi
-    s_mask = n_mask[:, None] & s_ok[None, :]
-    ws = tl.load(ws_ptr + s_off, mask=s_mask, other=0)
-    if ACT == 1:
-        sh = tl.load(wsh_ptr + s_off, mask=s_mask, other=255)
-    else:
+        offs_kh = tl.arange(0, BLOCK_K // 2)
+        if MASK_W:  # row layout and K not a multiple of BLOCK_K (k-blocked weights are padded)
+            h_ok = ((k0 // 2 + offs_kh) < K // 2) & ((k0 + offs_kh * 0) < k_hi)
+        else:
+            h_ok = (k0 + offs_kh * 0) < k_hi
+        if W_ROWS:
+            w_off = n[:, None] * stride_wn + kb * stride_wkb + offs_kh[None, :]  # [BN, BK/2]
+            w_mask = n_mask[:, None] & h_ok[None, :]
+        else:
+            w_off = n[None, :] * stride_wn + kb * stride_wkb + offs_kh[:, None]  # [BK/2, BN]
+            w_mask = n_mask[None, :] & h_ok[:, None]
+        w = tl.load(w_ptr + w_off, mask=w_mask, other=0)
+    return a, w
+
+
+@triton.jit
+def _load_s(ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi, stride_sn, stride_skb, BLOCK_K: tl.constexpr,
+            ACT: tl.constexpr, MASK_W: tl.constexpr, FRAG: tl.constexpr):
+    """The weight scales of one K step, [BN, BK/32] (FRAG: [BN/4, BK/8]), and the fp8 shifts (else
+    the scales again); masked off past k_hi."""
+    kb = k0 // BLOCK_K
+    if FRAG:
+        offs_f = tl.arange(0, BLOCK_K // 8)
+        f_ok = ((k0 // 8 + offs_f) < (K + 63) // 64 * 8) & ((k0 + offs_f * 0) < k_hi)
+        ws = tl.load(ws_ptr + n[:, None] * stride_sn + kb * stride_skb + offs_f[None, :],
+                     mask=n_mask[:, None] & f_ok[None, :], other=0)
         sh = ws
-    if W_ROWS:
-        w_off = n[:, None] * stride_wn + kb * stride_wkb + offs_kh[None, :]  # [BN, BK/2]
-        w_mask = n_mask[:, None] & h_ok[None, :]
     else:
-        w_off = n[None, :] * stride_wn + kb * stride_wkb + offs_kh[:, None]  # [BK/2, BN]
-        w_mask = n_mask[None, :] & h_ok[:, None]
-    w = tl.load(w_ptr + w_off, mask=w_mask, other=0)
+        offs_ks = tl.arange(0, BLOCK_K // 32)
+        s_off = n[:, None] * stride_sn + kb * stride_skb + offs_ks[None, :]  # [BN, BK/32]
+        if MASK_W:
+            s_ok = ((k0 // 32 + offs_ks) < K // 32) & ((k0 + offs_ks * 0) < k_hi)
+        else:
+            s_ok = (k0 + offs_ks * 0) < k_hi
+        s_mask = n_mask[:, None] & s_ok[None, :]
+        ws = tl.load(ws_ptr + s_off, mask=s_mask, other=0)
+        if ACT == 1:
+            sh = tl.load(wsh_ptr + s_off, mask=s_mask, other=255)
+        else:
+            sh = ws
+    return ws, sh
+
+
+@triton.jit
+def _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi,
+            stride_wn, stride_wkb, stride_sn, stride_skb,
+            BLOCK_K: tl.constexpr, ACT: tl.constexpr, W_ROWS: tl.constexpr, EVEN_K: tl.constexpr,
+            MASK_W: tl.constexpr, FRAG: tl.constexpr):
+    """All tiles of one K step: _load_aw's and _load_s's."""
+    a, w = _load_aw(a_ptr, a_row_off, m_mask, w_ptr, n, n_mask, K, k0, k_hi, stride_wn, stride_wkb, BLOCK_K,
+                    W_ROWS, EVEN_K, MASK_W, FRAG)
+    ws, sh = _load_s(ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi, stride_sn, stride_skb, BLOCK_K, ACT, MASK_W, FRAG)
     return a, w, ws, sh
 
 
 @triton.jit
 def _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-           ACT: tl.constexpr, SWAP: tl.constexpr, DEQ_ASM: tl.constexpr, INTERPRET: tl.constexpr):
+           ACT: tl.constexpr, SWAP: tl.constexpr, DEQ_ASM: tl.constexpr, INTERPRET: tl.constexpr,
+           FRAG: tl.constexpr):
     """acc += one K step of A @ W^T (acc is [BN, BM] when SWAP)."""
-    if DEQ_ASM:  # "bf16x2"-encoded weights: our upcast in registers, then a bf16 tl.dot
+    if FRAG:  # "fragments" weights (always SWAP): the upcast tile is the MMA's A operand, in registers
+        ab = a.to(tl.bfloat16)
+        wt = _dequant_fragments(w, ws, BLOCK_N, BLOCK_K, INTERPRET)
+        if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 of bf16 values is exact
+            acc += tl.dot(wt.to(tl.float32), tl.trans(ab.to(tl.float32)))
+        else:
+            acc = tl.dot(wt, tl.trans(ab), acc)
+    elif DEQ_ASM:  # "bf16x2"-encoded weights: our upcast in registers, then a bf16 tl.dot
         ab = a.to(tl.bfloat16)
         wt = _dequant_bf16x2(w, ws, BLOCK_N, BLOCK_K, INTERPRET)
         if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 of bf16 values is exact
@@ -426,7 +540,7 @@ def _mainloop(a_ptr, a_row_off, m_mask, a_scale, w_ptr, ws_ptr, wsh_ptr, n, n_ma
               stride_wn, stride_wkb, stride_sn, stride_skb,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACT: tl.constexpr,
               SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr, DEQ_ASM: tl.constexpr,
-              PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, GEMV: tl.constexpr):
+              PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, GEMV: tl.constexpr, FRAG: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] fp32 = A[rows, k_lo:k_hi] @ W[n, k_lo:k_hi]^T (fp8: without the scales).
 
     PREFETCH 1 / 2: the loads of the next one / two K steps are issued before this step's math, in
@@ -437,7 +551,7 @@ def _mainloop(a_ptr, a_row_off, m_mask, a_scale, w_ptr, ws_ptr, wsh_ptr, n, n_ma
         for k0 in range(k_lo, k_hi, BLOCK_K):
             a, w, ws, sh = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi,
                                    stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, True,
-                                   EVEN_K, MASK_W)
+                                   EVEN_K, MASK_W, FRAG)
             wt = _dequant_bf16x2(w, ws, BLOCK_N, BLOCK_K, INTERPRET).to(tl.float32)
             acc3 += wt[None, :, :] * a.to(tl.bfloat16).to(tl.float32)[:, None, :]
         return tl.sum(acc3, axis=2)
@@ -446,32 +560,47 @@ def _mainloop(a_ptr, a_row_off, m_mask, a_scale, w_ptr, ws_ptr, wsh_ptr, n, n_ma
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     W_ROWS: tl.constexpr = ACT == 1 or SWAP or DEQ_ASM
-    if PREFETCH == 0:
+    if PREFETCH == 0 and FRAG:
+        # Triton pipelines the a / w tiles through shared memory (num_stages) but leaves the scale
+        # loads in the loop, waiting on DRAM each step: they are loaded one step ahead instead
+        # (H100, 20b layer: 7-19% off both GEMMs at 1-2048 tokens; the row layout's kernels got
+        # slower with the same change at 8-64 tokens, so they keep the plain loop)
+        ws_n, sh_n = _load_s(ws_ptr, wsh_ptr, n, n_mask, K, k_lo, k_hi, stride_sn, stride_skb, BLOCK_K, ACT,
+                             MASK_W, FRAG)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ws = ws_n
+            sh = sh_n
+            ws_n, sh_n = _load_s(ws_ptr, wsh_ptr, n, n_mask, K, k0 + BLOCK_K, k_hi, stride_sn, stride_skb,
+                                 BLOCK_K, ACT, MASK_W, FRAG)
+            a, w = _load_aw(a_ptr, a_row_off, m_mask, w_ptr, n, n_mask, K, k0, k_hi, stride_wn, stride_wkb,
+                            BLOCK_K, W_ROWS, EVEN_K, MASK_W, FRAG)
+            acc = _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, DEQ_ASM, INTERPRET, FRAG)
+    elif PREFETCH == 0:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             a, w, ws, sh = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi,
                                    stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, W_ROWS,
-                                   EVEN_K, MASK_W)
-            acc = _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, DEQ_ASM, INTERPRET)
+                                   EVEN_K, MASK_W, FRAG)
+            acc = _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, DEQ_ASM, INTERPRET, FRAG)
     elif PREFETCH == 1:
         a, w, ws, sh = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k_lo, k_hi,
-                               stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W)
+                               stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W, FRAG)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             a1, w1, ws1, sh1 = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K,
                                        k0 + BLOCK_K, k_hi, stride_wn, stride_wkb, stride_sn, stride_skb,
-                                       BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W)
-            acc = _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, DEQ_ASM, INTERPRET)
+                                       BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W, FRAG)
+            acc = _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, DEQ_ASM, INTERPRET, FRAG)
             a, w, ws, sh = a1, w1, ws1, sh1
     else:
         a, w, ws, sh = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k_lo, k_hi,
-                               stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W)
+                               stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W, FRAG)
         a1, w1, ws1, sh1 = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K,
                                    k_lo + BLOCK_K, k_hi, stride_wn, stride_wkb, stride_sn, stride_skb,
-                                   BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W)
+                                   BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W, FRAG)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             a2, w2, ws2, sh2 = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K,
                                        k0 + 2 * BLOCK_K, k_hi, stride_wn, stride_wkb, stride_sn, stride_skb,
-                                       BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W)
-            acc = _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, DEQ_ASM, INTERPRET)
+                                       BLOCK_K, ACT, W_ROWS, EVEN_K, MASK_W, FRAG)
+            acc = _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, DEQ_ASM, INTERPRET, FRAG)
             a, w, ws, sh = a1, w1, ws1, sh1
             a1, w1, ws1, sh1 = a2, w2, ws2, sh2
     if SWAP:
@@ -512,6 +641,20 @@ def _swiglu_store(acc, rows, m_mask, n, n_mask, e64, pid_n, b_ptr, a_ptr, a_amax
 
 
 @triton.jit
+def _weight_rows(n, n_mask, pid_n, N, BLOCK_N: tl.constexpr, FRAG: tl.constexpr):
+    """The weight rows an N tile loads: n itself, or ("fragments") its BLOCK_N / 4 stored rows, each
+    holding 4 rows of one 16-row group (N is a multiple of 16)."""
+    # one return statement: Triton's code generator wants every return of a function to agree
+    if FRAG:
+        rows = pid_n * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
+        rows_mask = 4 * rows < N
+    else:
+        rows = n
+        rows_mask = n_mask
+    return rows, rows_mask
+
+
+@triton.jit
 def _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M: tl.constexpr):
     """(local expert, its rows in grouped order, their mask) of an M tile; expert -1: an unused tile."""
     e = tl.load(tile_expert_ptr + pid_m)
@@ -531,7 +674,7 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
                     DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr,
-                    INTERPRET: tl.constexpr, GEMV: tl.constexpr):
+                    INTERPRET: tl.constexpr, GEMV: tl.constexpr, FRAG: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -541,6 +684,7 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr,
     tok = tl.load(sorted_ptr + rows, mask=m_mask, other=0) // TOP_K
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
+    n_w, n_w_mask = _weight_rows(n, n_mask, pid_n, N, BLOCK_N, FRAG)
     e64 = e.to(tl.int64)
     a_scale = tl.zeros((BLOCK_M,), tl.float32)
     if ACT == 1:
@@ -548,9 +692,9 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr,
     k_lo = pid_k * k_per_split
     acc = _mainloop(x_ptr, tok.to(tl.int64) * stride_xt, m_mask, a_scale,
                     w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
-                    n, n_mask, K, k_lo, tl.minimum(k_lo + k_per_split, K), stride_wn, stride_wkb, stride_sn,
+                    n_w, n_w_mask, K, k_lo, tl.minimum(k_lo + k_per_split, K), stride_wn, stride_wkb, stride_sn,
                     stride_skb, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, DEQ_ASM, PREFETCH, INTERPRET,
-                    GEMV)
+                    GEMV, FRAG)
     if ACT == 1:
         acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
     if SPLIT_K > 1:
@@ -589,7 +733,8 @@ def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
                  TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
                  DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 FUSED_COMBINE: tl.constexpr, NA_PAD: tl.constexpr, INTERPRET: tl.constexpr, GEMV: tl.constexpr):
+                 FUSED_COMBINE: tl.constexpr, NA_PAD: tl.constexpr, INTERPRET: tl.constexpr, GEMV: tl.constexpr,
+                 FRAG: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -599,6 +744,7 @@ def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
     assign = tl.load(sorted_ptr + rows, mask=m_mask, other=0)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
+    n_w, n_w_mask = _weight_rows(n, n_mask, pid_n, N, BLOCK_N, FRAG)
     e64 = e.to(tl.int64)
     a_scale = tl.zeros((BLOCK_M,), tl.float32)
     if ACT == 1:
@@ -606,9 +752,9 @@ def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
     k_lo = pid_k * k_per_split
     acc = _mainloop(a_ptr, rows.to(tl.int64) * K, m_mask, a_scale,
                     w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
-                    n, n_mask, K, k_lo, tl.minimum(k_lo + k_per_split, K), stride_wn, stride_wkb,
+                    n_w, n_w_mask, K, k_lo, tl.minimum(k_lo + k_per_split, K), stride_wn, stride_wkb,
                     stride_sn, stride_skb, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, DEQ_ASM,
-                    PREFETCH, INTERPRET, GEMV)
+                    PREFETCH, INTERPRET, GEMV, FRAG)
     if ACT == 1:
         acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
@@ -671,10 +817,15 @@ def _check_gemm(x: torch.Tensor, w: MXFP4Weight, opts: GemmOptions, act: str, wh
         raise ValueError(f"{who}: act='fp8' needs a weight prepared with fp8=True")
     if w.encoding == "bf16x2" and act != "bf16":
         raise ValueError(f"{who}: a 'bf16x2'-encoded weight serves act='bf16' only, got {act!r}")
-    if w.encoding == "bf16x2" and opts.swap_ab:
+    if w.fragments:
+        if not opts.swap_ab or opts.gemv or bk % 64 or opts.block_n < 16:
+            raise ValueError(f"{who}: a 'fragments' weight needs swap_ab=True, gemv=False, block_k a multiple "
+                             f"of 64 and block_n >= 16 (got {opts})")
+    elif w.encoding == "bf16x2" and opts.swap_ab:
         # measured wrong on H100 / Triton 3.6: with the weights as the MMA's A operand, Triton moves
         # the dot-operand layout above the inline asm, whose 4-byte packs then mix unrelated bytes
-        raise ValueError(f"{who}: swap_ab is not supported with 'bf16x2'-encoded weights")
+        # (the "fragments" layout stores each lane's bytes together instead)
+        raise ValueError(f"{who}: swap_ab with 'bf16x2'-encoded weights needs the fragments layout")
     if opts.prefetch not in (0, 1, 2):
         raise ValueError(f"{who}: prefetch={opts.prefetch} must be 0, 1 or 2")
     if opts.gemv and (w.encoding != "bf16x2" or act != "bf16" or opts.swap_ab or opts.prefetch):
@@ -734,7 +885,7 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         TOP_K=routing.top_k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
         ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
         MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.encoding == "bf16x2",
-        PREFETCH=opts.prefetch, SPLIT_K=split, GEMV=opts.gemv,
+        PREFETCH=opts.prefetch, SPLIT_K=split, GEMV=opts.gemv, FRAG=w.fragments,
         INTERPRET=INTERPRETED, num_warps=opts.num_warps, num_stages=opts.num_stages)
     if split > 1:
         _swiglu_kernel[(routing.max_tiles, n_tiles_n)](
@@ -781,7 +932,7 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
         MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.encoding == "bf16x2",
         PREFETCH=opts.prefetch,
             HAS_BIAS=bias is not None, FUSED_COMBINE=fused_combine,
-            NA_PAD=max(2, triton.next_power_of_2(n_amax)), INTERPRET=INTERPRETED, GEMV=opts.gemv,
+            NA_PAD=max(2, triton.next_power_of_2(n_amax)), INTERPRET=INTERPRETED, GEMV=opts.gemv, FRAG=w.fragments,
             num_warps=opts.num_warps, num_stages=opts.num_stages)
     if fused_combine:
         return out.to(out_dtype)

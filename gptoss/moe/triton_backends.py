@@ -6,7 +6,9 @@ One forward: routing (gptoss.kernels.moe_routing: top-k and the rows grouped per
 GPU, no host sync) -> gate_up GEMM with bias + SwiGLU -> down GEMM with bias, routing weight and the
 top-k combine (gptoss.kernels.moe_gemm). The spec's expert slice (expert_start, num_local_experts),
 intermediate slice and add_down_bias make the same kernels serve tensor and expert parallelism.
-Tile configs per token count are in `default_config`, measured on H100 (benchmarks/bench_moe.py).
+Tile configs per token count are in `fragments_config` ("triton"'s default weight layout, see
+gptoss.kernels.moe_gemm.swizzle_fragments) and `default_config` (the others), measured on H100
+(benchmarks/bench_moe.py).
 """
 
 from __future__ import annotations
@@ -67,6 +69,24 @@ def default_config(num_tokens: int, spec: MoESpec, act: str, block_k: int = 0) -
         down=GemmOptions(block_n=128, block_k=bk, num_warps=4, num_stages=4))
 
 
+def fragments_config(num_tokens: int, spec: MoESpec) -> MoEKernelConfig:
+    """Tiles for the "fragments" weight layout (always swap_ab: the token rows are the MMA's N side),
+    the fastest of `benchmarks/bench_moe.py --sweep --upcasts fragments` on H100 (20b layer, gate_up +
+    down us: 1 token 26.3 + 16.5, 8: 93.6 + 54.6, 64: 137.3 + 77.2, 256: 187.9 + 113.9, 2048: 681.2
+    + 399.8)."""
+    rows = num_tokens * spec.top_k / spec.local_experts
+    if rows <= 16:  # decode: split-K below one row per expert (both GEMMs) and below four (down)
+        split_up, split_down = (4, 4) if rows < 1 else (1, 2) if rows < 4 else (1, 1)
+        return MoEKernelConfig(block_m=16, gate_up=GemmOptions(64, 128, 4, 3, swap_ab=True, split_k=split_up),
+                               down=GemmOptions(64, 128, 4, 3, swap_ab=True, split_k=split_down),
+                               fused_combine=True)
+    if rows <= 96:  # batch 128-768 decode
+        return MoEKernelConfig(block_m=64, gate_up=GemmOptions(128, 64, 4, 4, swap_ab=True),
+                               down=GemmOptions(128, 64, 4, 4, swap_ab=True))
+    return MoEKernelConfig(block_m=128, gate_up=GemmOptions(128, 64, 8, 3, swap_ab=True),
+                           down=GemmOptions(128, 64, 4, 4, swap_ab=True))
+
+
 def _supported(device: torch.device, min_cc: tuple[int, int], what: str) -> tuple[bool, str]:
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -105,16 +125,23 @@ class _TritonMoE(MoEBackend):
         0 keeps the checkpoint's row layout; a power of two re-lays the weights k-blocked (each tile
         one contiguous run) and every config must then use that block_k. upcast ("triton" only):
         "asm" re-packs the codes once ("bf16x2" encoding) for our inline-asm upcast + tl.dot,
+        "fragments" also stores each MMA lane's bytes together (swizzle_fragments; swap_ab configs),
         "dot_scaled" keeps the checkpoint codes for tl.dot_scaled."""
         super().__init__(weights, spec, dtype)
-        upcast = upcast or self.default_upcast
+        if upcast is None:
+            upcast = self.default_upcast
+            if upcast == "fragments" and (layout_block_k or weights.gate_up_blocks.shape[1] % 16
+                                          or weights.down_blocks.shape[1] % 16):
+                upcast = "asm"  # the fragments layout takes weight rows in groups of 16, not k-blocked
         if upcast not in self.upcasts:
             raise ValueError(f"{self.name}: upcast={upcast!r}; choose one of {self.upcasts}")
         fp8 = self.act == "fp8"
-        enc = "bf16x2" if upcast == "asm" else "e2m1"
+        enc = "bf16x2" if upcast in ("asm", "fragments") else "e2m1"
+        frag = upcast == "fragments"
         self.layout_block_k = layout_block_k
-        self.w1 = prepare_mxfp4_weight(weights.gate_up_blocks, weights.gate_up_scales, layout_block_k, fp8, enc)
-        self.w2 = prepare_mxfp4_weight(weights.down_blocks, weights.down_scales, layout_block_k, fp8, enc)
+        self.upcast = upcast
+        self.w1 = prepare_mxfp4_weight(weights.gate_up_blocks, weights.gate_up_scales, layout_block_k, fp8, enc, frag)
+        self.w2 = prepare_mxfp4_weight(weights.down_blocks, weights.down_scales, layout_block_k, fp8, enc, frag)
         self.b1 = weights.gate_up_bias.float().contiguous()
         self.b2 = weights.down_bias.float().contiguous() if spec.add_down_bias else None
         self._config = config
@@ -124,6 +151,8 @@ class _TritonMoE(MoEBackend):
             return self._config
         if self._config is not None:
             return self._config(num_tokens)
+        if self.upcast == "fragments":
+            return fragments_config(num_tokens, self.spec)
         return default_config(num_tokens, self.spec, self.act, self.layout_block_k)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
@@ -148,8 +177,8 @@ class TritonMoE(_TritonMoE):
     """bf16 activations x MXFP4 weights."""
     act = "bf16"
     min_cc = (9, 0)  # mul.bf16x2 in the asm upcast
-    upcasts = ("asm", "dot_scaled")
-    default_upcast = "asm"
+    upcasts = ("asm", "fragments", "dot_scaled")
+    default_upcast = "fragments"
     what = "the triton MoE backend (bf16 x MXFP4; its upcast uses mul.bf16x2)"
 
 
