@@ -2,6 +2,7 @@
 config, alternated in one process on one GPU so clocks and the machine are the same for both.
 
     python scripts/ab_decode.py [--ckpt /tmp/gptoss-20b] [--rounds 3]
+    python scripts/ab_decode.py --upcasts asm fragments    # the "triton" weight layouts instead
 """
 
 import argparse
@@ -42,9 +43,12 @@ def main():
     ap.add_argument("--ckpt", default="/tmp/gptoss-20b")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--upcasts", nargs="+", help="compare these TritonMoE upcasts (one LLM each) at the "
+                    "default tiles instead of the tile variants")
     a = ap.parse_args()
-    llm = LLM(a.ckpt, moe_backend="triton", max_model_len=1024, max_num_seqs=max(a.batch), progress=False,
-              enable_prefix_caching=False, kv_cache_memory_bytes=2 << 30)
+    if a.upcasts:
+        return compare_upcasts(a)
+    llm = _llm(a)
     eng = llm.engine
     layers = eng.model.layers
     spec, act = layers[0].mlp.experts.spec, layers[0].mlp.experts.act
@@ -56,12 +60,37 @@ def main():
             eng.runner.capture_cuda_graphs(max(a.batch), eng.max_model_len, eng.kv_layout.window is not None)
             for b in a.batch:
                 res.setdefault((name, b), []).append(decode_ms(llm, b))
+    _table("variant", res)
+
+
+def _llm(a):
+    return LLM(a.ckpt, moe_backend="triton", max_model_len=1024, max_num_seqs=max(a.batch), progress=False,
+               enable_prefix_caching=False, kv_cache_memory_bytes=2 << 30)
+
+
+def _table(what: str, res: dict) -> None:
     print(f"GPU: {torch.cuda.get_device_name()}")
-    print("| variant | batch | ms/token (median) | runs | tok/s |")
+    print(f"| {what} | batch | ms/token (median) | runs | tok/s |")
     print("|---|---|---|---|---|")
     for (name, b), v in res.items():
         m = statistics.median(v)
         print(f"| {name} | {b} | {m:.3f} | {' '.join(f'{x:.3f}' for x in v)} | {b / m * 1e3:,.0f} |")
+
+
+def compare_upcasts(a):
+    """One LLM per TritonMoE upcast (weight layout), default tiles, alternated."""
+    from gptoss.moe.triton_backends import TritonMoE
+    llms = {}
+    for u in a.upcasts:
+        TritonMoE.default_upcast = u  # the backend built at load takes its weight layout from here
+        llms[u] = _llm(a)
+        assert llms[u].engine.model.layers[0].mlp.experts.upcast == u
+    res = {}
+    for _ in range(a.rounds):
+        for u, llm in llms.items():
+            for b in a.batch:
+                res.setdefault((u, b), []).append(decode_ms(llm, b))
+    _table("upcast", res)
 
 
 if __name__ == "__main__":

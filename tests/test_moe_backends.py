@@ -602,4 +602,7 @@ def test_llm_with_triton_backend_gives_torch_tokens_interpreted(interp, tmp_path
         llm = LLM(ckpt, moe_backend=name, dtype="float32", device="cpu", max_model_len=128, progress=False)
         assert llm.engine.moe_backend == name
         got[name] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+        # "triton" re-lays the MXFP4 tensors: the checkpoint's copy is freed; "torch" computes from it
+        mlp = llm.engine.worker.model.layers[0].mlp
+        assert (mlp.gate_up_blocks.numel() == 0 and mlp.down_scales.numel() == 0) == (name == "triton")
     assert got["triton"] == got["torch"]

@@ -89,6 +89,22 @@ class AttentionBlock(nn.Module):
         return x, self.par.all_reduce(o)
 
 
+def _tensors_of(obj, depth: int = 2) -> list[torch.Tensor]:
+    """The tensors an object holds in its attributes, and in theirs (dataclasses, lists), depth levels down."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth < 0:
+        return []
+    if isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
+        names = list(getattr(obj, "__dict__", {})) + list(getattr(type(obj), "__slots__", ()))
+        items = [getattr(obj, n, None) for n in names]
+    else:
+        return []
+    return [t for x in items for t in _tensors_of(x, depth - 1)]
+
+
 class MLPBlock(nn.Module):
     def __init__(self, config: ModelConfig, spec: MoESpec, par: ParallelState, dtype, device):
         super().__init__()
@@ -112,6 +128,12 @@ class MLPBlock(nn.Module):
         w = MoEWeights(self.gate_up_blocks.data, self.gate_up_scales.data, self.gate_up_bias.data,
                        self.down_blocks.data, self.down_scales.data, self.down_bias.data)
         self.experts = backend_cls(w, self.spec, dtype)
+        # a backend that re-laid the MXFP4 tensors (the Triton ones) holds its own copy: free the
+        # checkpoint's, which would otherwise double the experts' memory (60 GB for the 120b)
+        held = {t.untyped_storage().data_ptr() for t in _tensors_of(self.experts)}
+        for p in (self.gate_up_blocks, self.gate_up_scales, self.down_blocks, self.down_scales):
+            if p.data.untyped_storage().data_ptr() not in held:
+                p.data = p.data.new_empty(0)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor):
         t, x = self.norm(x, delta)
