@@ -20,8 +20,8 @@ B="python -m gptoss bench /tmp/gptoss-20b --moe-backend triton"
 if [ "$WHAT" = check ]; then
   timeout 300 python -m pytest -q -p no:cacheprovider -m gpu tests/test_rmsnorm.py tests/test_attention_kernels.py \
     tests/test_moe_backends.py tests/test_gpu_engine.py 2>&1 | grep -v "Loading" | tail -15 | tee "$OUT/gpu_tests.log"
-  # the decode tiles (split-K gate_up among them, not timed on a GPU yet) and the prefill tiles
-  timeout 240 python benchmarks/bench_moe.py --sweep --tokens 1,8,2048 --upcasts asm --backends triton 2>&1 \
+  # the MoE tiles of the default "fragments" layout beside the row layout's, decode to prefill
+  timeout 330 python benchmarks/bench_moe.py --sweep --tokens 1,8,64,256,2048 --upcasts asm,fragments --backends triton 2>&1 \
     | tail -40 | tee "$OUT/moe_sweep.log"
 fi
 if [ "$WHAT" = batch ]; then
