@@ -140,11 +140,12 @@ _ASM = {"dec": ([16],
 _FRAG = {"dec": ([16], [_G(64, 128, 4, 3, True), _G(64, 128, 4, 4, True), _G(128, 128, 4, 3, True),
                         _G(64, 64, 4, 4, True), _G(64, 128, 4, 3, True, 2), _G(64, 128, 4, 3, True, 4),
                         _G(128, 128, 8, 3, True), _G(64, 256, 4, 2, True),
-                        # weights straight into registers, 1-2 K steps ahead, no shared-memory stages
-                        _G(64, 128, 4, 1, True, 4, 2), _G(64, 128, 4, 1, True, 1, 2), _G(128, 128, 4, 1, True, 2, 1)],
+                        # more, smaller programs for one token (none won; 32-row tiles, which Triton runs
+                        # on mma.sync, were 2-4x slower and are left out)
+                        _G(64, 128, 4, 3, True, 8), _G(64, 64, 4, 4, True, 4), _G(64, 128, 4, 4, True, 4)],
                  [_G(64, 128, 4, 3, True, 2), _G(64, 128, 4, 3, True, 4), _G(128, 128, 4, 3, True, 2),
                   _G(64, 64, 4, 4, True, 2), _G(64, 128, 4, 3, True), _G(64, 256, 4, 2, True, 2),
-                  _G(64, 128, 4, 1, True, 4, 2), _G(64, 128, 4, 1, True, 2, 2)]),
+                  _G(64, 128, 4, 3, True, 8), _G(64, 64, 4, 4, True, 4)]),
          "mid": ([64, 32], [_G(128, 64, 4, 4, True), _G(128, 128, 4, 3, True), _G(256, 64, 8, 3, True),
                             _G(64, 128, 4, 3, True), _G(128, 128, 8, 3, True), _G(128, 128, 4, 1, True, 1, 2)],
                  [_G(128, 64, 4, 4, True), _G(128, 128, 4, 3, True), _G(64, 128, 4, 3, True),
