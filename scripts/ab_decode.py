@@ -3,6 +3,7 @@ config, alternated in one process on one GPU so clocks and the machine are the s
 
     python scripts/ab_decode.py [--ckpt /tmp/gptoss-20b] [--rounds 3]
     python scripts/ab_decode.py --upcasts asm fragments    # the "triton" weight layouts instead
+    python scripts/ab_decode.py --o-gemv --batch 1         # batch-1 output projection: gemv vs cuBLAS
 """
 
 import argparse
@@ -45,9 +46,13 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--upcasts", nargs="+", help="compare these TritonMoE upcasts (one LLM each) at the "
                     "default tiles instead of the tile variants")
+    ap.add_argument("--o-gemv", action="store_true", help="compare the attention output projection of "
+                    "one-row steps through gemv.linear_rows (the default) with cuBLAS")
     a = ap.parse_args()
     if a.upcasts:
         return compare_upcasts(a)
+    if a.o_gemv:
+        return compare_o_gemv(a)
     llm = _llm(a)
     eng = llm.engine
     layers = eng.model.layers
@@ -75,6 +80,20 @@ def _table(what: str, res: dict) -> None:
     for (name, b), v in res.items():
         m = statistics.median(v)
         print(f"| {name} | {b} | {m:.3f} | {' '.join(f'{x:.3f}' for x in v)} | {b / m * 1e3:,.0f} |")
+
+
+def compare_o_gemv(a):
+    from gptoss.model import gpt_oss
+    llm = _llm(a)
+    eng = llm.engine
+    res = {}
+    for _ in range(a.rounds):
+        for name, on in (("o proj gemv", True), ("o proj cuBLAS", False)):
+            gpt_oss.GEMV_O_PROJ = on
+            eng.runner.capture_cuda_graphs(max(a.batch), eng.max_model_len, eng.kv_layout.window is not None)
+            for b in a.batch:
+                res.setdefault((name, b), []).append(decode_ms(llm, b))
+    _table("variant", res)
 
 
 def compare_upcasts(a):

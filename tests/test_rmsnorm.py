@@ -5,18 +5,11 @@ before triton decorates it); GPU (@pytest.mark.gpu): the 20b width in bf16."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from gptoss.kernels import rmsnorm
 from gptoss.kernels.rmsnorm import rms_norm, rms_norm_torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def check_against_twin(device: str, dtype: torch.dtype, T: int, N: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -61,10 +54,8 @@ def test_kernel_in_interpreter():
             "for T, N, seed in ((1, 64, 0), (7, 100, 1), (3, 2880, 2)):\n"
             "    t.check_against_twin('cpu', torch.float32, T, N, seed)\n"
             "print('ok')\n")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout[-3000:] + r.stderr[-3000:]
+    from interpreted import run_interpreted
+    run_interpreted(code)
 
 
 @pytest.mark.gpu

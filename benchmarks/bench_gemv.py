@@ -1,0 +1,67 @@
+"""The attention projections at batch-1 decode: cuBLAS (F.linear) against gptoss.kernels.gemv's
+linear_rows over its tile options, per gpt-oss-20b shape: time, weight TB/s, % of the copy bandwidth.
+
+    python benchmarks/bench_gemv.py [--rows 1]
+
+Medians of CUDA-graph replays; each timed call runs `--layers` projections with their own weights,
+so none finds its weights in L2 (a 20b qkv weight is 29.5 MB, an H100's L2 50 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from gptoss.kernels.gemv import GemvOptions, linear_rows, linear_rows_torch  # noqa: E402
+
+SHAPES = {"qkv": (5120, 2880), "o": (2880, 4096)}  # (N, K) of gpt-oss-20b
+OPTIONS = [GemvOptions(16, 512, 4, 2), GemvOptions(8, 1024, 4, 2), GemvOptions(4, 1024, 4, 2),
+           GemvOptions(2, 1024, 4, 2), GemvOptions(4, 2048, 8, 2), GemvOptions(2, 2048, 4, 2),
+           GemvOptions(4, 1024, 2, 2), GemvOptions(8, 2048, 8, 2), GemvOptions(1, 2048, 4, 2),
+           GemvOptions(2, 512, 2, 2)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=4)
+    a = ap.parse_args()
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    copy = 2 * n / do_bench_cudagraph(lambda: dst.copy_(src), rep=100) / 1e9
+    del src, dst
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}: copy bandwidth {copy:.2f} TB/s; rows {a.rows}; {a.layers} weights per timed call")
+    print("| shape | method | us | TB/s | % copy | max err vs fp32 twin |")
+    print("|---|---|---|---|---|---|")
+    for name, (N, K) in SHAPES.items():
+        ws = [torch.randn(N, K, device="cuda").bfloat16() * 0.02 for _ in range(a.layers)]
+        bs = [torch.randn(N, device="cuda").bfloat16() for _ in range(a.layers)]
+        x = torch.randn(a.rows, K, device="cuda").bfloat16()
+        ref = linear_rows_torch(x, ws[0], bs[0]).float()
+        runs = [("cuBLAS (F.linear)", lambda w, b: F.linear(x, w, b))]
+        runs += [(f"linear_rows n{o.block_n} k{o.block_k} w{o.num_warps} s{o.num_stages}",
+                  lambda w, b, o=o: linear_rows(x, w, b, o)) for o in OPTIONS]
+        for label, fn in runs:
+            try:
+                err = (fn(ws[0], bs[0]).float() - ref).abs().max().item() / ref.abs().max().item()
+                us = do_bench_cudagraph(lambda: [fn(w, b) for w, b in zip(ws, bs)], rep=50) * 1e3 / a.layers
+            except Exception as e:  # a tile that does not compile is reported, not fatal
+                print(f"| {name} | {label} | failed: {type(e).__name__} | | | |")
+                continue
+            tbs = N * K * 2 / us / 1e6
+            print(f"| {name} [{N}, {K}] | {label} | {us:.1f} | {tbs:.2f} | {100 * tbs / copy:.0f}% | {err:.1e} |",
+                  flush=True)
+        del ws, bs
+
+
+if __name__ == "__main__":
+    main()

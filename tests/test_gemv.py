@@ -1,0 +1,53 @@
+"""gemv.linear_rows (the batch-1 output projection) vs its twin, on fresh random inputs.
+
+CPU: the kernel runs in Triton's interpreter in a child process (TRITON_INTERPRET=1 must be set
+before triton decorates it), in float32 (the interpreter's fp32 -> bf16 cast truncates); GPU
+(@pytest.mark.gpu): the 20b shapes in bf16, where one output may round to the other side of a
+bf16 ulp (the sums run in another order)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptoss.kernels.gemv import GemvOptions, linear_rows, linear_rows_torch
+
+def check_against_twin(device: str, dtype: torch.dtype, M: int, N: int, K: int, bias: bool, opts, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype).to(device)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype).to(device)
+    b = torch.randn(N, generator=g).to(dtype).to(device) if bias else None
+    y = linear_rows(x, w, b, opts)
+    ref = linear_rows_torch(x, w, b)
+    assert y.shape == (M, N) and y.dtype == dtype
+    err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    assert err <= tol, (M, N, K, bias, opts, err)
+
+
+def test_rejects_more_rows_and_mismatched_k():
+    with pytest.raises(ValueError, match=r"M <= 2"):
+        linear_rows(torch.randn(3, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"the same K"):
+        linear_rows(torch.randn(1, 8), torch.randn(4, 6))
+
+
+def test_kernel_in_interpreter():
+    code = ("import torch, tests.test_gemv as t\n"
+            "from gptoss.kernels.gemv import GemvOptions as O\n"
+            "cases = ((1, 40, 300, True, O()), (2, 33, 1000, False, O(16, 128)), (1, 5, 2048, True, O(2, 512)),\n"
+            "         (2, 64, 64, True, O(8, 1024)))\n"
+            "for i, (M, N, K, b, o) in enumerate(cases):\n"
+            "    t.check_against_twin('cpu', torch.float32, M, N, K, b, o, i)\n"
+            "print('ok')\n")
+    from interpreted import run_interpreted
+    run_interpreted(code)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("M,N,K,bias", [(1, 2880, 4096, True), (1, 5120, 2880, True), (2, 2880, 4096, False),
+                                        (1, 1440, 2048, False)])
+def test_gpu_matches_twin(M, N, K, bias):
+    for opts in (GemvOptions(), GemvOptions(8, 512), GemvOptions(16, 256, 4, 3)):
+        check_against_twin("cuda", torch.bfloat16, M, N, K, bias, opts, M + N)
