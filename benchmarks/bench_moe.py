@@ -173,7 +173,7 @@ def _regime(rows: float) -> str:
 def sweep(args, spec, copy_tbs, gpu) -> dict:
     """Times the gate_up and down GEMMs of "triton" alone over tile candidates, per token count and
     weight encoding; returns {tokens: {upcast: (MoEKernelConfig, us)}} with the fastest pair."""
-    from gptoss.kernels.moe_gemm import prepare_mxfp4_weight
+    from gptoss.kernels.moe_weights import prepare_mxfp4_weight
     gen = torch.Generator(device=args.device).manual_seed(0)
     weights = [random_weights(spec, gen, args.device) for _ in range(args.layers)]
     H, I, k, E = spec.hidden_size, spec.intermediate_size, spec.top_k, spec.local_experts

@@ -7,7 +7,7 @@ GPU, no host sync) -> gate_up GEMM with bias + SwiGLU -> down GEMM with bias, ro
 top-k combine (gptoss.kernels.moe_gemm). The spec's expert slice (expert_start, num_local_experts),
 intermediate slice and add_down_bias make the same kernels serve tensor and expert parallelism.
 Tile configs per token count are in `fragments_config` ("triton"'s default weight layout, see
-gptoss.kernels.moe_gemm.swizzle_fragments) and `default_config` (the others), measured on H100
+gptoss.kernels.moe_weights.swizzle_fragments) and `default_config` (the others), measured on H100
 (benchmarks/bench_moe.py).
 """
 
@@ -19,8 +19,8 @@ from typing import Callable, ClassVar
 import torch
 from torch.profiler import record_function
 
-from ..kernels.moe_gemm import (INTERPRETED, GemmOptions, moe_down, moe_gate_up, prepare_mxfp4_weight,
-                                row_absmax)
+from ..kernels.moe_gemm import INTERPRETED, GemmOptions, moe_down, moe_gate_up, row_absmax
+from ..kernels.moe_weights import prepare_mxfp4_weight
 from ..kernels.moe_routing import RoutingOptions, moe_routing
 from .base import MoEBackend, MoESpec, MoEWeights
 from .registry import register_moe_backend
