@@ -19,6 +19,7 @@ from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from gptoss.bench import copy_bandwidth_tbs  # noqa: E402
 from gptoss.kernels.gemv import GemvOptions, linear_rows, linear_rows_torch  # noqa: E402
 
 SHAPES = {"qkv": (5120, 2880), "o": (2880, 4096)}  # (N, K) of gpt-oss-20b
@@ -33,11 +34,7 @@ def main():
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--layers", type=int, default=4)
     a = ap.parse_args()
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    copy = 2 * n / do_bench_cudagraph(lambda: dst.copy_(src), rep=100) / 1e9
-    del src, dst
+    copy = copy_bandwidth_tbs()
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}: copy bandwidth {copy:.2f} TB/s; rows {a.rows}; {a.layers} weights per timed call")
     print("| shape | method | us | TB/s | % copy | max err vs fp32 twin |")

@@ -8,9 +8,6 @@ would leak into other test modules). GPU (@pytest.mark.gpu): the real shapes, co
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -199,12 +196,8 @@ def test_fp8_cache_accuracy_bound(q_scale):
 def test_kernels_in_interpreter():
     if attn.INTERPRETED:
         pytest.skip("already interpreting: the interp_* tests run in this process")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-k", "interp_",
-                        "-p", "no:cacheprovider"], env=env, cwd=root, capture_output=True, text=True,
-                       timeout=600)
+    from interpreted import run_interpreted
+    r = run_interpreted(["-m", "pytest", __file__, "-q", "-x", "-k", "interp_", "-p", "no:cacheprovider"])
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert " passed" in r.stdout and " skipped" not in r.stdout, r.stdout[-2000:]
 

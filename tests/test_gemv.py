@@ -40,8 +40,8 @@ def test_kernel_in_interpreter():
             "for i, (M, N, K, b, o) in enumerate(cases):\n"
             "    t.check_against_twin('cpu', torch.float32, M, N, K, b, o, i)\n"
             "print('ok')\n")
-    from interpreted import run_interpreted
-    run_interpreted(code)
+    from interpreted import check_interpreted
+    check_interpreted(code)
 
 
 @pytest.mark.gpu

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -114,11 +112,8 @@ def test_interpreter_suite():
     interpreted too), so the child keeps the interpreter away from every other test."""
     if INTERPRETED:
         pytest.skip("this is the child")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    from interpreted import run_interpreted
+    r = run_interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)])
     tail = r.stdout[-6000:] + r.stderr[-3000:]
     assert r.returncode == 0, tail
     assert " passed" in r.stdout and " failed" not in r.stdout, tail

@@ -54,8 +54,8 @@ def test_kernel_in_interpreter():
             "for T, N, seed in ((1, 64, 0), (7, 100, 1), (3, 2880, 2)):\n"
             "    t.check_against_twin('cpu', torch.float32, T, N, seed)\n"
             "print('ok')\n")
-    from interpreted import run_interpreted
-    run_interpreted(code)
+    from interpreted import check_interpreted
+    check_interpreted(code)
 
 
 @pytest.mark.gpu

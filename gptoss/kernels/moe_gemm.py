@@ -643,9 +643,9 @@ def _check_gemm(x: torch.Tensor, w: MXFP4Weight, opts: GemmOptions, act: str, wh
     if w.encoding == "bf16x2" and act != "bf16":
         raise ValueError(f"{who}: a 'bf16x2'-encoded weight serves act='bf16' only, got {act!r}")
     if w.fragments:
-        if not opts.swap_ab or opts.gemv or bk % 64 or opts.block_n < 16:
-            raise ValueError(f"{who}: a 'fragments' weight needs swap_ab=True, gemv=False, block_k a multiple "
-                             f"of 64 and block_n >= 16 (got {opts})")
+        if not opts.swap_ab or opts.gemv or bk % 64:  # (block_n >= 16 is checked above for every weight)
+            raise ValueError(f"{who}: a 'fragments' weight needs swap_ab=True, gemv=False and block_k a "
+                             f"multiple of 64 (got {opts})")
     elif w.encoding == "bf16x2" and opts.swap_ab:
         # measured wrong on H100 / Triton 3.6: with the weights as the MMA's A operand, Triton moves
         # the dot-operand layout above the inline asm, whose 4-byte packs then mix unrelated bytes

@@ -150,15 +150,15 @@ def prepare_mxfp4_weight(blocks: torch.Tensor, scales: torch.Tensor, block_k: in
     E, N, KB, _ = blocks.shape
     K = KB * 32
     data = blocks.reshape(E, N, K // 2)
-    if fragments:
+    sc = scales
+    if fragments:  # swizzled first: the encoding re-packs each stored 4-byte word
         if encoding != "bf16x2" or block_k or fp8:
             raise ValueError("the fragments layout takes encoding='bf16x2', block_k=0 and fp8=False")
-        d, sc = swizzle_fragments(data, scales)
-        d = torch.stack([encode_bf16x2(d[e]) for e in range(E)]) if E else d
-        return MXFP4Weight(d, sc, N, K, 0, encoding, fragments=True)
+        data, sc = swizzle_fragments(data, scales)
     if encoding == "bf16x2":  # one expert at a time: the int32 temporaries are 16x the bytes
         data = torch.stack([encode_bf16x2(data[e]) for e in range(E)]) if E else data.clone()
-    sc = scales
+    if fragments:
+        return MXFP4Weight(data, sc, N, K, 0, encoding, fragments=True)
     if block_k:
         if block_k < 32 or block_k & (block_k - 1):
             raise ValueError(f"block_k={block_k} must be a power of two >= 32")
