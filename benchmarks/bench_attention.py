@@ -177,16 +177,22 @@ def tune(copy_bw: float) -> dict[bool, AttentionOptions]:
     return best
 
 
-def tune_long(copy_bw: float, batch: int = 64, ctx: int = 32768) -> None:
-    """Decode options at the long-context case of issue 8 (batch 64 x 32k), both KV dtypes, one
-    cache each (the time of one step's attention in one layer)."""
+def tune_long(copy_bw: float, batch: int = 64, ctx: int = 32768, dtypes=(False, True)) -> None:
+    """Decode options at the long-context case of issue 8 (batch 64 x 32k), both KV dtypes (or
+    those given: fp8 or not), one cache each (the time of one step's attention in one layer)."""
     print(f"\n## decode at batch {batch} x {ctx}: options, time us, % of copy bw")
-    for fp8 in (False, True):
+    for fp8 in dtypes:
         cache = make_cache(batch, ctx, 16, fp8)
         base = DEFAULT_FP8_OPTIONS if fp8 else DEFAULT_OPTIONS
         for bn, warps, stages, per_sm in ((128, 4, 2, 4), (128, 4, 2, 8), (128, 4, 2, 16), (128, 4, 3, 8),
                                           (128, 4, 4, 8), (64, 4, 3, 8), (64, 4, 4, 16), (256, 8, 2, 8),
-                                          (256, 4, 2, 8), (128, 8, 3, 8)):
+                                          (256, 4, 2, 8), (128, 8, 3, 8),
+                                          # one or two warps: no cross-warp softmax reductions per tile
+                                          (64, 1, 2, 16), (64, 1, 3, 16), (64, 1, 3, 32), (128, 1, 2, 8),
+                                          (128, 1, 2, 16), (64, 2, 2, 16), (64, 2, 3, 16), (128, 2, 2, 8),
+                                          (128, 2, 2, 16), (128, 2, 3, 16), (32, 1, 3, 32), (32, 1, 4, 32),
+                                          (64, 1, 4, 16), (64, 1, 3, 8), (64, 1, 3, 12), (64, 1, 4, 12),
+                                          (64, 2, 3, 8), (32, 1, 4, 16)):
             o = replace(base, decode_block_n=bn, decode_num_warps=warps, decode_num_stages=stages,
                         decode_programs_per_sm=per_sm)
             label = f"{'fp8' if fp8 else 'bf16'} block_n {bn} warps {warps} stages {stages} programs/SM {per_sm}"
@@ -284,6 +290,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="sweep kernel options first, then print the tables")
     ap.add_argument("--sweep-splits", action="store_true", help="decode bandwidth by number of splits")
     ap.add_argument("--tune-long", action="store_true", help="decode options at batch 64 x 32k, both KV dtypes")
+    ap.add_argument("--fp8-only", action="store_true", help="--tune-long: the fp8 cache only")
     ap.add_argument("--block-size", type=int, nargs="+", default=[16])
     args = ap.parse_args()
     if args.accuracy:
@@ -299,7 +306,7 @@ def main() -> None:
         sweep_splits(copy_bw)
         return
     if args.tune_long:
-        tune_long(copy_bw)
+        tune_long(copy_bw, dtypes=(True,) if args.fp8_only else (False, True))
         return
     options = tune(copy_bw) if args.tune else {False: DEFAULT_OPTIONS, True: DEFAULT_FP8_OPTIONS}
     for bs in args.block_size:

@@ -1,4 +1,4 @@
-"""The attention projections at batch-1 decode: cuBLAS (F.linear) against gptoss.kernels.gemv's
+"""The attention projections and the router at batch-1 decode: cuBLAS (F.linear) against gptoss.kernels.gemv's
 linear_rows over its tile options, per gpt-oss-20b shape: time, weight TB/s, % of the copy bandwidth.
 
     python benchmarks/bench_gemv.py [--rows 1]
@@ -22,11 +22,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from gptoss.bench import copy_bandwidth_tbs  # noqa: E402
 from gptoss.kernels.gemv import GemvOptions, linear_rows, linear_rows_torch  # noqa: E402
 
-SHAPES = {"qkv": (5120, 2880), "o": (2880, 4096)}  # (N, K) of gpt-oss-20b
+SHAPES = {"qkv": (5120, 2880), "o": (2880, 4096), "router": (32, 2880)}  # (N, K) of gpt-oss-20b
 OPTIONS = [GemvOptions(16, 512, 4, 2), GemvOptions(8, 1024, 4, 2), GemvOptions(4, 1024, 4, 2),
            GemvOptions(2, 1024, 4, 2), GemvOptions(4, 2048, 8, 2), GemvOptions(2, 2048, 4, 2),
            GemvOptions(4, 1024, 2, 2), GemvOptions(8, 2048, 8, 2), GemvOptions(1, 2048, 4, 2),
-           GemvOptions(2, 512, 2, 2)]
+           GemvOptions(2, 512, 2, 2), GemvOptions(1, 1024, 4, 2), GemvOptions(1, 512, 4, 2),
+           GemvOptions(1, 512, 2, 3), GemvOptions(1, 256, 1, 3)]
 
 
 def main():

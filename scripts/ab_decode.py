@@ -4,6 +4,7 @@ config, alternated in one process on one GPU so clocks and the machine are the s
     python scripts/ab_decode.py [--ckpt /tmp/gptoss-20b] [--rounds 3]
     python scripts/ab_decode.py --upcasts asm fragments    # the "triton" weight layouts instead
     python scripts/ab_decode.py --o-gemv --batch 1         # batch-1 output projection: gemv vs cuBLAS
+    python scripts/ab_decode.py --switch GEMV_ROUTER       # any on/off switch of gptoss.model.gpt_oss
 """
 
 import argparse
@@ -14,15 +15,21 @@ import time
 import torch
 
 from gptoss import LLM, SamplingParams
-from gptoss.moe.triton_backends import default_config
+from gptoss.moe.triton_backends import fragments_config
 
 
-def variants(spec, act):
-    """name -> tokens -> MoEKernelConfig (None: the library default)."""
-    def no_split_gate_up(n):
-        c = default_config(n, spec, act)
-        return dataclasses.replace(c, gate_up=dataclasses.replace(c.gate_up, split_k=1))
-    return {"default": None, "gate_up split_k=1": no_split_gate_up}
+def variants(spec):
+    """name -> tokens -> MoEKernelConfig (None: the library default, the fragments layout's tiles)."""
+    def split(up=None, down=None):
+        def cfg(n):
+            c = fragments_config(n, spec)
+            if c.block_m != 16:  # only decode's tiles take these splits
+                return c
+            return dataclasses.replace(c, gate_up=dataclasses.replace(c.gate_up, split_k=up or c.gate_up.split_k),
+                                       down=dataclasses.replace(c.down, split_k=down or c.down.split_k))
+        return cfg
+    return {"default": None, "gate_up split_k=1": split(up=1), "gate_up split_k=2": split(up=2),
+            "down split_k=2": split(down=2)}
 
 
 def decode_ms(llm, batch: int, n: int = 129) -> float:
@@ -48,18 +55,20 @@ def main():
                     "default tiles instead of the tile variants")
     ap.add_argument("--o-gemv", action="store_true", help="compare the attention output projection of "
                     "one-row steps through gemv.linear_rows (the default) with cuBLAS")
+    ap.add_argument("--switch", nargs="+", help="module switches of gptoss.model.gpt_oss to compare on / off "
+                    "(e.g. GEMV_O_PROJ GEMV_ROUTER), each alone against all on")
     a = ap.parse_args()
     if a.upcasts:
         return compare_upcasts(a)
-    if a.o_gemv:
-        return compare_o_gemv(a)
+    if a.o_gemv or a.switch:
+        return compare_switches(a, a.switch or ["GEMV_O_PROJ"])
     llm = _llm(a)
     eng = llm.engine
     layers = eng.model.layers
-    spec, act = layers[0].mlp.experts.spec, layers[0].mlp.experts.act
+    spec = layers[0].mlp.experts.spec
     res = {}
     for _ in range(a.rounds):
-        for name, cfg in variants(spec, act).items():
+        for name, cfg in variants(spec).items():
             for layer in layers:
                 layer.mlp.experts._config = cfg
             eng.runner.capture_cuda_graphs(max(a.batch), eng.max_model_len, eng.kv_layout.window is not None)
@@ -82,17 +91,20 @@ def _table(what: str, res: dict) -> None:
         print(f"| {name} | {b} | {m:.3f} | {' '.join(f'{x:.3f}' for x in v)} | {b / m * 1e3:,.0f} |")
 
 
-def compare_o_gemv(a):
+def compare_switches(a, names):
     from gptoss.model import gpt_oss
     llm = _llm(a)
     eng = llm.engine
     res = {}
     for _ in range(a.rounds):
-        for name, on in (("o proj gemv", True), ("o proj cuBLAS", False)):
-            gpt_oss.GEMV_O_PROJ = on
+        for off in [None, *names]:
+            for n in names:
+                setattr(gpt_oss, n, n != off)
             eng.runner.capture_cuda_graphs(max(a.batch), eng.max_model_len, eng.kv_layout.window is not None)
             for b in a.batch:
-                res.setdefault((name, b), []).append(decode_ms(llm, b))
+                res.setdefault(("all on" if off is None else f"{off} off", b), []).append(decode_ms(llm, b))
+    for n in names:
+        setattr(gpt_oss, n, True)
     _table("variant", res)
 
 

@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--rows", type=int, default=22, help="kernels listed per table")
     a = ap.parse_args()
     summary = []
     for B in a.batch:
@@ -82,7 +83,10 @@ def main():
                 eng.step()
             sync()
         print(f"--- batch {B}, 3 graphed steps: by self CUDA time")
-        print(table(prof))
+        print(table(prof, a.rows))
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 3 / 1e3
+        print(f"graphed step: {len(kernels) / 3:.0f} kernels / memsets, {busy:.3f} ms of them busy")
         graphs, runner.graphs = runner.graphs, None
         eng.step()
         sync()
@@ -92,7 +96,7 @@ def main():
             sync()
         runner.graphs = graphs
         print(f"--- batch {B}, 2 eager steps: by self CUDA time")
-        print(table(prof, 30))
+        print(table(prof, a.rows + 8))
         for r in list(eng.scheduler.running):
             eng.scheduler.finish(r, "abort")
         del llm, eng, runner, graphs

@@ -304,6 +304,43 @@ def test_fragments_match_twins(interp):
     check_fragments(G, R, torch.Generator().manual_seed(17), "cpu", 5, 16, opts)
 
 
+def test_split_k_workspace(interp):
+    # split-K gate_up: every tile's last split applies bias + SwiGLU, counted in the caller's zeroed
+    # workspace; the fused combine adds into the caller's float32 output and returns it uncast
+    G, R = interp.gemm, interp.routing
+    g = torch.Generator().manual_seed(23)
+    T, E, k, H, I = 5, 4, 2, 160, 96
+    w = random_weights(MoESpec(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I), g)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    r = R.moe_routing(distinct_logits(T, E, g), k, 0, E, R.RoutingOptions(block_m=16))
+    w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2")
+    w2 = G.prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, "bf16x2")
+    b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
+    o = G.GemmOptions(block_n=64, block_k=64, split_k=3)  # K = 160: three 64-deep blocks, one split each
+    need = G.gate_up_workspace_size(r, w1, o)
+    n_tiles = -(-2 * I // 64)
+    assert need == T * k * 2 * I + r.max_tiles * n_tiles
+    assert G.gate_up_workspace_size(r, w1, G.GemmOptions(block_n=64, block_k=64)) == 0
+    ws = torch.zeros(need + 7)
+    a, _ = G.moe_gate_up(x, r, w1, b1, "bf16", 1.702, 7.0, o, workspace=ws)
+    a_t, _ = G.moe_gate_up_torch(x, r, w1, b1, "bf16", 1.702, 7.0, o)
+    em, er = errors(a[:T * k], a_t[:T * k])
+    assert em < 4e-3 and er < 5e-4, (em, er)
+    counts = ws[T * k * 2 * I:need].view(torch.int32).view(r.max_tiles, n_tiles)
+    used = (r.tile_expert >= 0)[:, None].expand_as(counts)
+    assert (counts[used] == 3).all() and (counts[~used] == 0).all()  # each split arrived once per tile
+    with pytest.raises(ValueError, match=f"needs {need} contiguous float32"):
+        G.moe_gate_up(x, r, w1, b1, "bf16", 1.702, 7.0, o, workspace=torch.zeros(need - 1))
+    out = torch.zeros(T, H)
+    y = G.moe_down(a, None, r, w2, b2, "bf16", o, 0, E, True, torch.float32, out)
+    assert y.data_ptr() == out.data_ptr() and y.dtype == torch.float32
+    y_t = G.moe_down_torch(a, None, r, w2, b2, "bf16", o, 0, E, True, torch.bfloat16)
+    em, er = errors(y, y_t)
+    assert em < 4e-3 and er < 5e-4, (em, er)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        G.moe_down(a, None, r, w2, b2, "bf16", o, 0, E, True, torch.float32, torch.zeros(T, H).bfloat16())
+
+
 def check_gemv(G, R, g, device, T, block_m, up, down, fused, E=4, k=2, H=160, I=96):
     """Both GEMMs on the no-MMA path against their twins; returns (x, routing, w1, b1, weights)."""
     w = random_weights(MoESpec(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I), g, device)
@@ -360,9 +397,14 @@ def _backend_case(cls, spec, T, seed, one_expert=False, **kw):
     lg = distinct_logits(T, spec.num_experts, g)
     if one_expert:
         lg[:, 1] = 10.0
-    out = cls(w, spec, torch.bfloat16, **kw).forward(x, lg)
+    backend = cls(w, spec, torch.bfloat16, **kw)
+    out = backend.forward(x, lg)
     ref = torch_backend(w, spec).forward(x, lg)
     assert out.shape == ref.shape and out.dtype == ref.dtype
+    # the model takes forward_sum: float32 where the down GEMM's atomics combine, uncast
+    s = backend.forward_sum(x, lg)
+    assert s.dtype == (torch.float32 if backend.config_for(T).fused_combine else torch.bfloat16)
+    assert torch.equal(s.to(torch.bfloat16), out)
     return out, ref
 
 

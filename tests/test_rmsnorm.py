@@ -11,10 +11,12 @@ import torch
 from gptoss.kernels import rmsnorm
 from gptoss.kernels.rmsnorm import rms_norm, rms_norm_torch
 
-def check_against_twin(device: str, dtype: torch.dtype, T: int, N: int, seed: int) -> None:
+def check_against_twin(device: str, dtype: torch.dtype, T: int, N: int, seed: int,
+                       delta_dtype: torch.dtype | None = None) -> None:
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(T, N, generator=g) * 3).to(dtype).to(device)
-    delta = torch.randn(T, N, generator=g).to(dtype).to(device)
+    # delta_dtype float32: the MoE's float32 sum, added to the residual stream unrounded
+    delta = torch.randn(T, N, generator=g).to(delta_dtype or dtype).to(device)
     w = (torch.rand(N, generator=g) + 0.5).to(dtype).to(device)
     y, h = rms_norm(x, w, 1e-5, residual=delta)
     y_ref, h_ref = rms_norm_torch(x, w, 1e-5, residual=delta)
@@ -36,6 +38,14 @@ def test_twin_matches_the_reference_formula():
     ref = w * h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
     y, h2 = rms_norm_torch(x, w, 1e-5, residual=d)
     assert torch.equal(h2, h) and torch.allclose(y, ref, atol=1e-6)
+
+
+def test_twin_rounds_a_float32_residual_once():
+    g = torch.Generator().manual_seed(4)
+    x, d, w = torch.randn(3, 64, generator=g).bfloat16(), torch.randn(3, 64, generator=g), torch.ones(64)
+    y, h = rms_norm_torch(x, w.bfloat16(), 1e-5, residual=d)
+    assert h.dtype == torch.bfloat16 and torch.equal(h, (x.float() + d).bfloat16())
+    assert y.dtype == torch.bfloat16
 
 
 def test_bad_shapes_are_named():
@@ -63,3 +73,4 @@ def test_kernel_in_interpreter():
 @pytest.mark.parametrize("T", [1, 37, 2048])
 def test_gpu_matches_twin(T):
     check_against_twin("cuda", torch.bfloat16, T, 2880, T)
+    check_against_twin("cuda", torch.bfloat16, T, 2880, T + 1, delta_dtype=torch.float32)

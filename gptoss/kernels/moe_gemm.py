@@ -58,7 +58,7 @@ class GemmOptions:
     swap_ab: bool = False   # weights on the MMA's M side (few token rows per expert); "bf16x2" weights
                             # take it only in the fragments layout, which requires it
     split_k: int = 1        # K split over programs, partial sums meeting in fp32 atomics (moe_down: with
-                            # fused_combine; moe_gate_up: then a small kernel applies bias + SwiGLU)
+                            # fused_combine; moe_gate_up: the last split of a tile applies bias + SwiGLU)
     prefetch: int = 0       # 0, 1, 2: K steps loaded ahead in registers (besides num_stages)
     gemv: bool = False      # no MMA: "bf16x2" weights upcast in registers, products summed in fp32
                             # FMAs; for decode's 1-4 rows per expert (routing block_m = rows per program)
@@ -490,7 +490,7 @@ def _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M: tl.co
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr,
+def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr, count_ptr,
                     w_ptr, ws_ptr, wsh_ptr, wrs_ptr, b_ptr,
                     sorted_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                     K, N, n_tiles_n, k_per_split,
@@ -523,30 +523,21 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr,
     if ACT == 1:
         acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
     if SPLIT_K > 1:
-        # partial sums over K meet in h [rows, N] (fp32, zeroed); _swiglu_kernel finishes the rows
-        tl.atomic_add(h_ptr + rows.to(tl.int64)[:, None] * N + n[None, :], acc,
-                      mask=m_mask[:, None] & n_mask[None, :], sem="relaxed")
+        # partial sums over K meet in h [rows, N] (fp32, zeroed); the tile's last split to arrive
+        # applies bias + SwiGLU (no second kernel): every thread's adds are issued before the barrier,
+        # the counter's acq_rel add publishes them (CTA barrier + gpu-scope release) and lets the
+        # last arriver read the finished sums from L2
+        mask = m_mask[:, None] & n_mask[None, :]
+        h_tile = h_ptr + rows.to(tl.int64)[:, None] * N + n[None, :]
+        tl.atomic_add(h_tile, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr + pid_m * n_tiles_n + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.load(h_tile, mask=mask, other=0.0, cache_modifier=".cg")
+            _swiglu_store(acc, rows, m_mask, n, n_mask, e64, pid_n, b_ptr, a_ptr, a_amax_ptr, N, n_tiles_n,
+                          alpha, limit, BLOCK_M, BLOCK_N, ACT, INTERPRET)
     else:
         _swiglu_store(acc, rows, m_mask, n, n_mask, e64, pid_n, b_ptr, a_ptr, a_amax_ptr, N, n_tiles_n, alpha,
                       limit, BLOCK_M, BLOCK_N, ACT, INTERPRET)
-
-
-@triton.jit
-def _swiglu_kernel(h_ptr, b_ptr, a_ptr, a_amax_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, N, n_tiles_n,
-                   alpha, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACT: tl.constexpr,
-                   INTERPRET: tl.constexpr):
-    # split-K gate_up's epilogue, over the same tiles so that "fp8" maxima land where moe_down reads them
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e, rows, m_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M)
-    if e < 0:
-        return
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < N
-    acc = tl.load(h_ptr + rows.to(tl.int64)[:, None] * N + n[None, :], mask=m_mask[:, None] & n_mask[None, :],
-                  other=0.0)
-    _swiglu_store(acc, rows, m_mask, n, n_mask, e.to(tl.int64), pid_n, b_ptr, a_ptr, a_amax_ptr, N, n_tiles_n,
-                  alpha, limit, BLOCK_M, BLOCK_N, ACT, INTERPRET)
 
 
 @triton.jit
@@ -676,11 +667,22 @@ def row_absmax_torch(x: torch.Tensor) -> torch.Tensor:
     return x.float().abs().amax(-1) if x.shape[0] else torch.empty(0, device=x.device)
 
 
+def gate_up_workspace_size(routing: Routing, w: MXFP4Weight, opts: GemmOptions) -> int:
+    """float32 elements of zeroed workspace moe_gate_up needs (0 without split-K): the partial sums
+    [T*k, N] and one arrival counter per output tile."""
+    split = max(1, min(opts.split_k, triton.cdiv(w.k, opts.block_k)))
+    if split == 1:
+        return 0
+    return routing.num_tokens * routing.top_k * w.n + routing.max_tiles * triton.cdiv(w.n, opts.block_n)
+
+
 def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Tensor, act: str,
-                alpha: float, limit: float, opts: GemmOptions, x_amax: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                alpha: float, limit: float, opts: GemmOptions, x_amax: torch.Tensor | None = None,
+                workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [T, H] -> (a [T*k, I] in x.dtype, rows in routing's grouped order; for "fp8" also per-tile
-    maxima of |a| [T*k, n_tiles] float32, else None). bias [E, 2I] float32; x_amax [T] for "fp8"."""
+    maxima of |a| [T*k, n_tiles] float32, else None). bias [E, 2I] float32; x_amax [T] for "fp8".
+    workspace: zeroed float32 of at least gate_up_workspace_size elements (None: allocated here), so
+    that a caller can zero it together with other buffers in one memset."""
     _check_gemm(x, w, opts, act, "moe_gate_up")
     _check_rows(routing, opts, "moe_gate_up")
     if opts.block_n < 32 or opts.split_k < 1:
@@ -699,10 +701,19 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
     n_k_blocks = triton.cdiv(K, opts.block_k)
     split = max(1, min(opts.split_k, n_k_blocks))
     k_per_split = triton.cdiv(n_k_blocks, split) * opts.block_k
-    h = torch.zeros(R, N, dtype=torch.float32, device=x.device) if split > 1 else a
+    h = count = a  # placeholders without split-K
+    if split > 1:
+        need = gate_up_workspace_size(routing, w, opts)
+        if workspace is None:
+            workspace = torch.zeros(need, dtype=torch.float32, device=x.device)
+        elif workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous():
+            raise ValueError(f"moe_gate_up: workspace needs {need} contiguous float32 elements, got "
+                             f"{workspace.numel()} {workspace.dtype}")
+        h = workspace[:R * N]
+        count = workspace[R * N:need].view(torch.int32)
     amax_or_a = a_amax if a_amax is not None else a
     _gate_up_kernel[(routing.max_tiles, n_tiles_n, split)](
-        x, x.stride(0), a, amax_or_a, x_amax if x_amax is not None else a, h,
+        x, x.stride(0), a, amax_or_a, x_amax if x_amax is not None else a, h, count,
         w.data, w.scales, w.fp8_shift if act == "fp8" else dummy,
         w.fp8_row_scale if act == "fp8" else bias, bias,
         routing.sorted_assign, routing.expert_offsets, routing.tile_expert, routing.tile_row,
@@ -712,21 +723,19 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.encoding == "bf16x2",
         PREFETCH=opts.prefetch, SPLIT_K=split, GEMV=opts.gemv, FRAG=w.fragments,
         INTERPRET=INTERPRETED, num_warps=opts.num_warps, num_stages=opts.num_stages)
-    if split > 1:
-        _swiglu_kernel[(routing.max_tiles, n_tiles_n)](
-            h, bias, a, amax_or_a, routing.expert_offsets, routing.tile_expert, routing.tile_row, N, n_tiles_n,
-            float(alpha), float(limit), BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, ACT=ACTS[act],
-            INTERPRET=INTERPRETED, num_warps=4)
     return a, a_amax
 
 
 def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: MXFP4Weight,
              bias: torch.Tensor | None, act: str, opts: GemmOptions, expert_start: int,
-             num_local_experts: int, fused_combine: bool, out_dtype: torch.dtype) -> torch.Tensor:
+             num_local_experts: int, fused_combine: bool, out_dtype: torch.dtype,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """a [T*k, I] (grouped order) -> out [T, H] in out_dtype: sum over each token's local experts of
     routing weight * (a @ W2^T + b2). bias None: no down bias (a TP rank other than the first).
     fused_combine: the GEMM adds into a float32 output with atomics (split_k allowed); else it writes
-    weighted rows [T*k, H] and a combine kernel sums each token's k rows (deterministic)."""
+    weighted rows [T*k, H] and a combine kernel sums each token's k rows (deterministic). out (with
+    fused_combine): a zeroed float32 [T, H] to add into (None: allocated here); out_dtype float32
+    then returns it as it is, without a cast."""
     _check_gemm(a, w, opts, act, "moe_down")
     _check_rows(routing, opts, "moe_down")
     if opts.split_k > 1 and not fused_combine:
@@ -737,7 +746,13 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
     N, K = w.n, w.k
     dev = a.device
     if fused_combine:
-        out = torch.zeros(T, N, dtype=torch.float32, device=dev)
+        if out is None:
+            out = torch.zeros(T, N, dtype=torch.float32, device=dev)
+        elif out.shape != (T, N) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"moe_down: out must be a contiguous float32 {(T, N)}, got "
+                             f"{tuple(out.shape)} {out.dtype}")
+    elif out is not None:
+        raise ValueError("moe_down: out is for fused_combine")
     else:
         out = torch.empty(T * k, N, dtype=out_dtype, device=dev)
     if T:

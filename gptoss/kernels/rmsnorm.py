@@ -2,7 +2,8 @@
 launches per norm (49 norms per 20b step), and one read of the residual stream instead of three.
 
     y = rms_norm(x, weight, eps)                      # y = norm(x)
-    y, h = rms_norm(x, weight, eps, residual=delta)   # h = x + delta (rounded to x.dtype), y = norm(h)
+    y, h = rms_norm(x, weight, eps, residual=delta)   # h = x + delta (rounded to x.dtype), y = norm(h);
+                                                      # delta may be float32 (the MoE's sum)
 
 The sum is rounded to the activation dtype before it is normalised, exactly as `x + delta` followed
 by the norm would do, so the twin and the unfused model agree bit for bit on the residual stream.
@@ -38,7 +39,7 @@ INTERPRETED = type(_rms_norm_kernel).__name__ == "InterpretedFunction"
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """The twin: in fp32 as the reference model does, the weight applied last, back to x.dtype."""
-    h = x if residual is None else x + residual
+    h = x if residual is None else (x + residual).to(x.dtype)  # the sum rounded once (residual: any float)
     hf = h.float()
     y = (weight.float() * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
     return y if residual is None else (y, h)

@@ -14,15 +14,22 @@ from torch import nn
 from ..config import ModelConfig
 from ..engine.forward_context import get_forward_context
 from ..kernels.attention import paged_attention, rope_write_kv
-from ..kernels.gemv import linear_rows
+from ..kernels.gemv import GemvOptions, linear_rows
 from ..kernels.rmsnorm import rms_norm
 from ..moe import MoESpec, MoEWeights
 from ..distributed import ParallelState
 from .rope import RotaryEmbedding
 
-# the attention output projection of a one-row step (batch-1 decode) through gemv.linear_rows; a
-# switch so that scripts/ab_decode.py can compare it with cuBLAS in one process
+# one-row steps (batch-1 decode) run the attention output projection and the router through
+# gemv.linear_rows instead of cuBLAS; switches so that scripts/ab_decode.py can compare in one process
 GEMV_O_PROJ = True
+GEMV_ROUTER = True
+# the router's [32, 2880] weight: one output column per program (H100: 2.7 us, cuBLAS 6.0 in two kernels)
+ROUTER_GEMV = GemvOptions(block_n=1, block_k=2048)
+
+
+def _gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return x.shape[0] == 1 and x.is_cuda and x.dtype == w.dtype
 
 
 def _param(*shape, dtype, device) -> nn.Parameter:
@@ -65,8 +72,8 @@ class AttentionBlock(nn.Module):
         self.out_bias = _param(config.hidden_size, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor):
-        """(residual stream, the previous block's output not yet added) -> the same pair after this
-        block: the add is folded into this block's norm."""
+        """(residual stream, the previous block's output not yet added, in any float dtype) -> the
+        same pair after this block: the add is folded into this block's norm."""
         ctx = get_forward_context()
         t, x = self.norm(x, delta) if delta is not None else (self.norm(x), x)
         with torch.profiler.record_function("attn.qkv"):
@@ -91,7 +98,7 @@ class AttentionBlock(nn.Module):
             # only rank 0 adds the bias, so the all-reduce sums it once
             bias = self.out_bias if self.par.tp_rank == 0 else None
             o = o.flatten(1)
-            if GEMV_O_PROJ and o.shape[0] == 1 and o.is_cuda and o.dtype == self.out_weight.dtype:
+            if GEMV_O_PROJ and _gemv_ok(o, self.out_weight):
                 o = linear_rows(o, self.out_weight, bias)  # batch-1 decode: 11.7 us vs cuBLAS 14.2 (20b, H100)
             else:
                 o = F.linear(o, self.out_weight, bias)
@@ -147,9 +154,16 @@ class MLPBlock(nn.Module):
     def forward(self, x: torch.Tensor, delta: torch.Tensor):
         t, x = self.norm(x, delta)
         with torch.profiler.record_function("moe.router"):
-            logits = F.linear(t, self.router_weight, self.router_bias)  # [T, E]
+            if GEMV_ROUTER and _gemv_ok(t, self.router_weight):
+                logits = linear_rows(t, self.router_weight, self.router_bias, ROUTER_GEMV)
+            else:
+                logits = F.linear(t, self.router_weight, self.router_bias)  # [T, E]
         with torch.profiler.record_function("moe.experts"):
-            y = self.experts.forward(t, logits)
+            # the backend's own sum (float32 from Triton's fused combine): the next norm adds it to the
+            # residual stream without a cast kernel between; ranks all-reduce in the model dtype
+            y = self.experts.forward_sum(t, logits)
+        if self.par.tp_size > 1:
+            y = y.to(x.dtype)
         return x, self.par.all_reduce(y)
 
 
@@ -186,7 +200,7 @@ class Transformer(nn.Module):
         x, delta = F.embedding(input_ids, self.embedding), None  # [T, H]
         for layer in self.layers:
             x, delta = layer(x, delta, positions)
-        return x + delta
+        return (x + delta).to(x.dtype)  # delta may be a float32 MoE sum
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, H] (the rows that sample) -> logits [S, vocab] in the model dtype: the sampler

@@ -73,8 +73,13 @@ class MoEBackend:
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """x [T, H], router_logits [T, num_experts] -> [T, H] (this rank's partial sum)."""
+        """x [T, H], router_logits [T, num_experts] -> [T, H] in x.dtype (this rank's partial sum)."""
         raise NotImplementedError
+
+    def forward_sum(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """forward's result before its cast to x.dtype: a backend that sums in float32 may return that
+        (the model folds it into the residual stream in the next norm). Default: forward."""
+        return self.forward(x, router_logits)
 
 
 def route_torch(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

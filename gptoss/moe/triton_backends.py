@@ -19,7 +19,7 @@ from typing import Callable, ClassVar
 import torch
 from torch.profiler import record_function
 
-from ..kernels.moe_gemm import INTERPRETED, GemmOptions, moe_down, moe_gate_up, row_absmax
+from ..kernels.moe_gemm import INTERPRETED, GemmOptions, gate_up_workspace_size, moe_down, moe_gate_up, row_absmax
 from ..kernels.moe_weights import prepare_mxfp4_weight
 from ..kernels.moe_routing import RoutingOptions, moe_routing
 from .base import MoEBackend, MoESpec, MoEWeights
@@ -156,6 +156,10 @@ class _TritonMoE(MoEBackend):
         return default_config(num_tokens, self.spec, self.act, self.layout_block_k)
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        return self.forward_sum(x, router_logits).to(x.dtype)
+
+    def forward_sum(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """With fused_combine the float32 sum the down GEMM's atomics built (no cast kernel), else x.dtype."""
         spec = self.spec
         cfg = self.config_for(x.shape[0])
         if x.stride(-1) != 1:
@@ -163,13 +167,20 @@ class _TritonMoE(MoEBackend):
         with record_function("moe.route"):
             routing = moe_routing(router_logits, spec.top_k, spec.expert_start, spec.local_experts,
                                   RoutingOptions(block_m=cfg.block_m))
+        # one memset zeroes what both GEMMs accumulate into: gate_up's split-K sums and arrival
+        # counters, and the fused combine's output
+        n_up = gate_up_workspace_size(routing, self.w1, cfg.gate_up)
+        n_out = x.shape[0] * self.w2.n if cfg.fused_combine else 0
+        zeroed = torch.zeros(n_up + n_out, dtype=torch.float32, device=x.device)
+        out = zeroed[n_up:].view(x.shape[0], self.w2.n) if cfg.fused_combine else None
         x_amax = row_absmax(x) if self.act == "fp8" else None
         with record_function("moe.w1"):
             a, a_amax = moe_gate_up(x, routing, self.w1, self.b1, self.act, spec.swiglu_alpha,
-                                    spec.swiglu_limit, cfg.gate_up, x_amax)
+                                    spec.swiglu_limit, cfg.gate_up, x_amax, zeroed[:n_up])
         with record_function("moe.w2"):
             return moe_down(a, a_amax, routing, self.w2, self.b2, self.act, cfg.down, spec.expert_start,
-                            spec.local_experts, cfg.fused_combine, x.dtype)
+                            spec.local_experts, cfg.fused_combine,
+                            torch.float32 if cfg.fused_combine else x.dtype, out)
 
 
 @register_moe_backend("triton")
