@@ -192,7 +192,8 @@ def tune_long(copy_bw: float, batch: int = 64, ctx: int = 32768, dtypes=(False, 
                                           (128, 1, 2, 16), (64, 2, 2, 16), (64, 2, 3, 16), (128, 2, 2, 8),
                                           (128, 2, 2, 16), (128, 2, 3, 16), (32, 1, 3, 32), (32, 1, 4, 32),
                                           (64, 1, 4, 16), (64, 1, 3, 8), (64, 1, 3, 12), (64, 1, 4, 12),
-                                          (64, 2, 3, 8), (32, 1, 4, 16)):
+                                          (64, 2, 3, 8), (32, 1, 4, 16), (64, 1, 4, 8), (64, 1, 5, 8),
+                                          (64, 1, 2, 8), (32, 1, 4, 8), (32, 1, 6, 8), (64, 1, 3, 32)):
             o = replace(base, decode_block_n=bn, decode_num_warps=warps, decode_num_stages=stages,
                         decode_programs_per_sm=per_sm)
             label = f"{'fp8' if fp8 else 'bf16'} block_n {bn} warps {warps} stages {stages} programs/SM {per_sm}"

@@ -45,11 +45,11 @@ class AttentionOptions:
 
 
 DEFAULT_OPTIONS = AttentionOptions()
-# fp8 decode: one-warp programs of 64-key tiles, 16 per SM (a program's softmax then needs no
-# cross-warp reductions: 64 x 32k, H100, 968 us against 1,051 with the bf16 tiles at 8 per SM); the
-# prefill kernel converts K/V tiles in registers and does better with 4 warps
+# fp8 decode: one-warp programs of 64-key tiles, about 8 per SM (a program's softmax then needs no
+# cross-warp reductions: 64 x 32k, H100, 916 us against 1,046 with the bf16 tiles); the prefill
+# kernel converts K/V tiles in registers and does better with 4 warps
 DEFAULT_FP8_OPTIONS = AttentionOptions(prefill_num_warps=4, prefill_num_stages=4, decode_block_n=64,
-                                       decode_num_warps=1, decode_num_stages=3, decode_programs_per_sm=16)
+                                       decode_num_warps=1, decode_num_stages=3, decode_programs_per_sm=8)
 
 
 def _uses_triton(t: torch.Tensor) -> bool:
