@@ -667,11 +667,17 @@ def row_absmax_torch(x: torch.Tensor) -> torch.Tensor:
     return x.float().abs().amax(-1) if x.shape[0] else torch.empty(0, device=x.device)
 
 
+def _k_splits(K: int, opts: GemmOptions) -> tuple[int, int]:
+    """(programs along K, K per program): opts.split_k, at most one per block_k step."""
+    n_k_blocks = triton.cdiv(K, opts.block_k)
+    split = max(1, min(opts.split_k, n_k_blocks))
+    return split, triton.cdiv(n_k_blocks, split) * opts.block_k
+
+
 def gate_up_workspace_size(routing: Routing, w: MXFP4Weight, opts: GemmOptions) -> int:
     """float32 elements of zeroed workspace moe_gate_up needs (0 without split-K): the partial sums
     [T*k, N] and one arrival counter per output tile."""
-    split = max(1, min(opts.split_k, triton.cdiv(w.k, opts.block_k)))
-    if split == 1:
+    if _k_splits(w.k, opts)[0] == 1:
         return 0
     return routing.num_tokens * routing.top_k * w.n + routing.max_tiles * triton.cdiv(w.n, opts.block_n)
 
@@ -698,9 +704,7 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         return a, a_amax
     strides = w.strides(opts.block_k)
     dummy = w.scales
-    n_k_blocks = triton.cdiv(K, opts.block_k)
-    split = max(1, min(opts.split_k, n_k_blocks))
-    k_per_split = triton.cdiv(n_k_blocks, split) * opts.block_k
+    split, k_per_split = _k_splits(K, opts)
     h = count = a  # placeholders without split-K
     if split > 1:
         need = gate_up_workspace_size(routing, w, opts)
@@ -756,9 +760,7 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
     else:
         out = torch.empty(T * k, N, dtype=out_dtype, device=dev)
     if T:
-        n_k_blocks = triton.cdiv(K, opts.block_k)
-        split = max(1, min(opts.split_k, n_k_blocks))
-        k_per_split = triton.cdiv(n_k_blocks, split) * opts.block_k
+        split, k_per_split = _k_splits(K, opts)
         n_amax = a_amax.shape[1] if a_amax is not None else 1
         strides = w.strides(opts.block_k)
         _down_kernel[(routing.max_tiles, triton.cdiv(N, opts.block_n), split)](
