@@ -56,7 +56,8 @@ def main():
     ap.add_argument("--o-gemv", action="store_true", help="compare the attention output projection of "
                     "one-row steps through gemv.linear_rows (the default) with cuBLAS")
     ap.add_argument("--switch", nargs="+", help="module switches of gptoss.model.gpt_oss to compare on / off "
-                    "(e.g. GEMV_O_PROJ GEMV_ROUTER), each alone against all on")
+                    "(e.g. GEMV_O_PROJ GEMV_ROUTER; others as a dotted path under gptoss, e.g. "
+                    "engine.cuda_graphs.PDL), each alone against all on")
     a = ap.parse_args()
     if a.upcasts:
         return compare_upcasts(a)
@@ -91,20 +92,27 @@ def _table(what: str, res: dict) -> None:
         print(f"| {name} | {b} | {m:.3f} | {' '.join(f'{x:.3f}' for x in v)} | {b / m * 1e3:,.0f} |")
 
 
+def _switch(name: str):
+    """(module, attribute) of a switch: NAME in gptoss.model.gpt_oss, or a dotted path under gptoss
+    (engine.cuda_graphs.PDL)."""
+    import importlib
+    mod, _, attr = name.rpartition(".")
+    return importlib.import_module("gptoss." + (mod or "model.gpt_oss")), attr
+
+
 def compare_switches(a, names):
-    from gptoss.model import gpt_oss
     llm = _llm(a)
     eng = llm.engine
     res = {}
     for _ in range(a.rounds):
         for off in [None, *names]:
             for n in names:
-                setattr(gpt_oss, n, n != off)
+                setattr(*_switch(n), n != off)
             eng.runner.capture_cuda_graphs(max(a.batch), eng.max_model_len, eng.kv_layout.window is not None)
             for b in a.batch:
                 res.setdefault(("all on" if off is None else f"{off} off", b), []).append(decode_ms(llm, b))
     for n in names:
-        setattr(gpt_oss, n, True)
+        setattr(*_switch(n), True)
     _table("variant", res)
 
 

@@ -247,16 +247,21 @@ def test_gemms_match_twins(interp, act, swap, layout_bk, fused, enc, prefetch):
     assert em < 4e-3 and er < 5e-4, (em, er)
 
 
-def check_fragments(G, R, g, device, T, block_m, opts, E=4, k=2, H=160, I=96, tol=(4e-3, 5e-4)):
-    """Both GEMMs with "fragments" weights against the twins of the checkpoint-layout weights."""
+def check_fragments(G, R, g, device, T, block_m, opts, E=4, k=2, H=160, I=96, tol=(4e-3, 5e-4), scale_shift=0):
+    """Both GEMMs with "fragments" weights against the twins of the checkpoint-layout weights.
+    scale_shift: every block scale that much larger (and x that much smaller), past 128 for 12: the
+    upcast's two-multiply mode."""
     w = random_weights(MoESpec(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I), g, device)
-    x = torch.randn(T, H, generator=g, device=device).bfloat16()
+    w.gate_up_scales += scale_shift
+    w.down_scales += scale_shift
+    x = (torch.randn(T, H, generator=g, device=device) * 2.0 ** -scale_shift).bfloat16()
     r = R.moe_routing(distinct_logits(T, E, g, device), k, 0, E, R.RoutingOptions(block_m=block_m))
     b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
     f1, f2, c1, c2 = (G.prepare_mxfp4_weight(b, s, 0, False, enc, frag)
                       for enc, frag in (("bf16x2", True), ("e2m1", False)) for b, s in
                       ((w.gate_up_blocks, w.gate_up_scales), (w.down_blocks, w.down_scales)))
     assert f1.fragments and f1.data.shape == (E, 2 * I // 4, 2 * ((H + 63) // 64 * 64))
+    assert f1.upcast_mode == (1 if int(w.gate_up_scales.max()) > 128 else 2), f1.upcast_mode
     for o in opts:
         fused = o.split_k > 1 or block_m == 16
         a, _ = G.moe_gate_up(x, r, f1, b1, "bf16", 1.702, 7.0, o)
@@ -302,6 +307,8 @@ def test_fragments_match_twins(interp):
     opts = [G.GemmOptions(64, 64, swap_ab=True), G.GemmOptions(64, 128, swap_ab=True, split_k=2, prefetch=1),
             G.GemmOptions(32, 64, swap_ab=True, prefetch=2)]
     check_fragments(G, R, torch.Generator().manual_seed(17), "cpu", 5, 16, opts)
+    # scales past 128: 2^126 and the scale in two multiplies
+    check_fragments(G, R, torch.Generator().manual_seed(18), "cpu", 5, 16, opts[:1], scale_shift=12)
 
 
 def test_split_k_workspace(interp):
@@ -578,6 +585,9 @@ def test_fragments_match_twins_gpu(T, block_m):
     # a TP rank's down GEMM: K = 1440 pads to 1472
     check_fragments(G, R, torch.Generator(device="cuda").manual_seed(T + 1), "cuda", T, block_m, opts[:2],
                     E=32, k=4, H=2880, I=1440, tol=(5e-3, 5e-4))
+    # scales past 128: the upcast's two-multiply mode
+    check_fragments(G, R, torch.Generator(device="cuda").manual_seed(T + 2), "cuda", T, block_m, opts[:1],
+                    E=32, k=4, H=2880, I=2880, tol=(5e-3, 5e-4), scale_shift=12)
 
 
 @pytest.mark.gpu

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import pdl
 from .forward_context import ForwardContext, set_forward_context
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+# graphs of up to PDL_MAX_BATCH rows launch our kernels with programmatic dependent launch (Hopper+;
+# gptoss.kernels.pdl): their kernels are short and fill the GPU about once, where it pays
+PDL = True
+PDL_MAX_BATCH = 8
 
 
 class DecodeGraphs:
@@ -45,7 +50,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self, b: int, pool):
         ctx = self._ctx(b)
-        with set_forward_context(ctx):
+        use_pdl = PDL and b <= PDL_MAX_BATCH and torch.cuda.get_device_capability(self.ids.device) >= (9, 0)
+        with set_forward_context(ctx), pdl.enabled(use_pdl):
             self._step(b)  # warm up: compile, autotune (and, under TP, the first collectives)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()

@@ -20,6 +20,7 @@ import torch
 import triton
 
 from . import attention_triton as _k
+from . import pdl
 from .attention_torch import paged_attention_torch, rope_write_kv_torch, write_kv_torch
 
 # the interpreter (TRITON_INTERPRET=1 before this module was imported) runs the kernels on CPU tensors
@@ -140,7 +141,7 @@ def _launch_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping, k_scale, v_s
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), ss[0], ss[1],
         k_cache.shape[1],
         HQ=q.shape[1], H=H, D=D, BLOCK_HQ=triton.next_power_of_2(q.shape[1]), BLOCK_H=triton.next_power_of_2(H),
-        ROPE=rope is not None, FP8=fp8, num_warps=1 if rope is None else 4)
+        ROPE=rope is not None, FP8=fp8, num_warps=1 if rope is None else 4, **pdl.args())
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,9 +233,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_SIZE=BS, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=D,
         BLOCK_N=opts.decode_block_n,
         FP8=fp8, USE_WINDOW=window > 0, SPLIT=splits > 1, DOT=dot,
-        num_warps=opts.decode_num_warps, num_stages=opts.decode_num_stages)
+        num_warps=opts.decode_num_warps, num_stages=opts.decode_num_stages, **pdl.args())
     if splits > 1:
         _k._decode_combine_kernel[(B, Hq)](
             part_m, part_l, part_acc, query_start_loc, sinks, out, splits, out.stride(0), out.stride(1),
-            D=D, BLOCK_S=triton.next_power_of_2(splits), num_warps=2)
+            D=D, BLOCK_S=triton.next_power_of_2(splits), num_warps=2, **pdl.args())
     return out

@@ -16,6 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enter
+
 LOG2E = 1.4426950408889634
 DOT_Q, DOT_F16, DOT_F32 = 0, 1, 2
 
@@ -81,7 +83,8 @@ def _write_kv_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, pos_ptr, cos_ptr, sin_ptr,
                      stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
                      block_size,
                      HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                     BLOCK_H: tl.constexpr, ROPE: tl.constexpr, FP8: tl.constexpr):
+                     BLOCK_H: tl.constexpr, ROPE: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     # one program per token: (ROPE) rotate its q heads into qo and its k heads, then K/V into the cache
     t = tl.program_id(0).to(tl.int64)
     if ROPE:
@@ -250,7 +253,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
                    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr,
                    FP8: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                   DOT: tl.constexpr):
+                   DOT: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     # one query token per sequence; program (KV head, sequence, split) takes the GROUP query heads of
     # its KV head as the rows of one tile (padded to BLOCK_H >= 16 for tl.dot) and a slice of keys.
     # A sequence's KV heads run side by side: they share the 32-byte sectors of the fp8 scales.
@@ -308,7 +312,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
 @triton.jit
 def _decode_combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, qsl_ptr, sinks_ptr, out_ptr,
                            num_splits, stride_ot, stride_oh,
-                           D: tl.constexpr, BLOCK_S: tl.constexpr):
+                           D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     # merges the splits of one (sequence, query head) and adds the sink to the denominator
     b = tl.program_id(0)
     h = tl.program_id(1)

@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import pdl_enter
+
 MAX_ROWS = 2
 
 
@@ -31,7 +34,9 @@ class GemvOptions:
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 PDL: tl.constexpr):
+    pdl_enter(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     m = tl.arange(0, BLOCK_M)
@@ -65,7 +70,7 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
         _gemv_kernel[(triton.cdiv(N, opts.block_n),)](
             x, w, bias if bias is not None else w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
             BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
-            HAS_BIAS=bias is not None, num_warps=opts.num_warps, num_stages=opts.num_stages)
+            HAS_BIAS=bias is not None, num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
     return y
 
 

@@ -41,7 +41,9 @@ import triton.language as tl
 
 from ..quant.mxfp4 import dequantize_mxfp4
 from ..quant.mxfp8 import dequantize_mxfp8, quantize_mxfp8
+from . import pdl
 from .moe_routing import Routing
+from .pdl import pdl_enter
 # the weight layouts live in moe_weights; re-exported here, where callers have always found them
 from .moe_weights import (_BF16X2_BITS, ENCODINGS, FP8_MAX_SHIFT, MXFP4Weight, _fp8_weight_torch,  # noqa: F401
                           decode_bf16x2, encode_bf16x2, prepare_mxfp4_weight, swizzle_fragments,
@@ -139,7 +141,17 @@ def _bf16_of(o, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _upcast_bf16x2_tl(wb, sc, BN: tl.constexpr, BK: tl.constexpr):
+def _pair_scales(sc, BN: tl.constexpr, BK: tl.constexpr):
+    """sc [BN, BK/2] -> the scale each element gets in the asm, in r0's / r1's element order: a word's
+    elements 0, 1 (2, 3) multiply both pairs of r0 (r1)."""
+    sA, sB = tl.split(tl.permute(tl.reshape(sc, (BN, BK // 8, 2, 2)), (0, 1, 3, 2)))
+    sA = tl.reshape(tl.broadcast_to(tl.expand_dims(sA, 2), (BN, BK // 8, 2, 2)), (BN, BK // 2))
+    sB = tl.reshape(tl.broadcast_to(tl.expand_dims(sB, 2), (BN, BK // 8, 2, 2)), (BN, BK // 2))
+    return sA, sB
+
+
+@triton.jit
+def _upcast_bf16x2_tl(wb, sc, BN: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr):
     """The asm upcast in plain Triton ops (the interpreter has no inline asm): same outputs."""
     q = tl.reshape(wb.to(tl.uint32), (BN, BK // 8, 2, 2))  # [.., word, p, q]: byte 2p + q
     b02, b13 = tl.split(q)
@@ -151,30 +163,50 @@ def _upcast_bf16x2_tl(wb, sc, BN: tl.constexpr, BK: tl.constexpr):
     o1 = (w << 3) & m
     o2 = (w << 6) & m
     o3 = ((w << 1) & 0x80008000) | ((w >> 3) & 0x01800180) | ((w >> 7) & 0x00400040)
-    s = sc.to(tl.float32)  # each byte's scale (the asm: bytes 0, 1's for 0, 1 and 2, 3, which match)
-    # join(join(a, b), join(c, d)) flattens to a, c, b, d
-    r0 = tl.join(tl.join(_bf16_of(o0, False), _bf16_of(o1, False)),
-                 tl.join(_bf16_of(o0, True), _bf16_of(o1, True)))
-    r1 = tl.join(tl.join(_bf16_of(o2, False), _bf16_of(o3, False)),
-                 tl.join(_bf16_of(o2, True), _bf16_of(o3, True)))
-    r0 = (tl.reshape(r0, (BN, BK // 2)) * 8.507059173023462e+37 * s).to(tl.bfloat16)  # * 2^126, exact
-    r1 = (tl.reshape(r1, (BN, BK // 2)) * 8.507059173023462e+37 * s).to(tl.bfloat16)
-    return r0, r1
+    # join(join(a, b), join(c, d)) flattens to a, c, b, d: r0 = o0.lo, o0.hi, o1.lo, o1.hi
+    r0 = tl.reshape(tl.join(tl.join(_bf16_of(o0, False), _bf16_of(o1, False)),
+                            tl.join(_bf16_of(o0, True), _bf16_of(o1, True))), (BN, BK // 2))
+    r1 = tl.reshape(tl.join(tl.join(_bf16_of(o2, False), _bf16_of(o3, False)),
+                            tl.join(_bf16_of(o2, True), _bf16_of(o3, True))), (BN, BK // 2))
+    sA, sB = _pair_scales(sc.to(tl.float32), BN, BK)
+    if MODE == 1:  # * 2^126 first, exact
+        r0 = r0 * 8.507059173023462e+37
+        r1 = r1 * 8.507059173023462e+37
+    return (r0 * sA).to(tl.bfloat16), (r1 * sB).to(tl.bfloat16)
 
 
 @triton.jit
-def _upcast_bf16x2(wb, sc, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):
-    """wb uint8 [BN, BK/2] ("bf16x2" encoding), sc bf16 [BN, BK/2] (each byte's block scale) -> bf16 [BN, BK].
+def _upcast_bf16x2(wb, sc, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr, MODE: tl.constexpr):
+    """wb uint8 [BN, BK/2] ("bf16x2" encoding), sc bf16 [BN, BK/2] -> bf16 [BN, BK]. Of each word's four
+    scale elements, 0 and 1 scale the codes of bytes 0 and 2, elements 2 and 3 those of bytes 1 and 3
+    (see _scales_bf16: 2^(s-1) for MODE 2, 2^(s-127) for MODE 1).
 
-    Each 4 bytes (8 codes) give 4 bf16x2 words in ~13 integer ops and 8 mul.bf16x2 (2^126, scale);
-    r0 holds codes k0, k2, k4, k6 of each word, r1 k1, k3, k5, k7, so join(r0, r1) is in K order."""
+    Each 4 bytes (8 codes) give 4 bf16x2 words in ~13 integer ops and 4 mul.bf16x2 (MODE 2; MODE 1
+    multiplies by 2^126 first); r0 holds codes k0, k1, k4, k5 of each word, r1 k2, k3, k6, k7, each
+    pair (one byte's two codes) in one register as the MMA's A fragment wants them."""
     if INTERPRET:
-        r0, r1 = _upcast_bf16x2_tl(wb, sc, BN, BK)
+        r0, r1 = _upcast_bf16x2_tl(wb, sc, BN, BK, MODE)
     else:
+        if MODE == 2:
+            scale_asm: tl.constexpr = """
+            mul.bf16x2 $0, $0, $5;
+            mul.bf16x2 $1, $1, $5;
+            mul.bf16x2 $2, $2, $6;
+            mul.bf16x2 $3, $3, $6;"""
+        else:
+            scale_asm: tl.constexpr = """
+            mov.b32 t0, 0x7e807e80;
+            mul.bf16x2 $0, $0, t0;
+            mul.bf16x2 $1, $1, t0;
+            mul.bf16x2 $2, $2, t0;
+            mul.bf16x2 $3, $3, t0;
+            mul.bf16x2 $0, $0, $5;
+            mul.bf16x2 $1, $1, $5;
+            mul.bf16x2 $2, $2, $6;
+            mul.bf16x2 $3, $3, $6;"""
         r0, r1 = tl.inline_asm_elementwise(
             asm="""{
-            .reg .b32 t0, t1, t2, bias;
-            mov.b32 bias, 0x7e807e80;
+            .reg .b32 t0, t1, t2;
             and.b32 $0, $4, 0x81C081C0;
             shl.b32 t0, $4, 3;
             and.b32 $1, t0, 0x81C081C0;
@@ -187,41 +219,47 @@ def _upcast_bf16x2(wb, sc, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.con
             shr.b32 t2, $4, 7;
             and.b32 t2, t2, 0x00400040;
             or.b32 t0, t0, t1;
-            or.b32 $3, t0, t2;
-            mul.bf16x2 $0, $0, bias;
-            mul.bf16x2 $1, $1, bias;
-            mul.bf16x2 $2, $2, bias;
-            mul.bf16x2 $3, $3, bias;
-            mul.bf16x2 $0, $0, $5;
-            mul.bf16x2 $1, $1, $5;
-            mul.bf16x2 $2, $2, $5;
-            mul.bf16x2 $3, $3, $5;
+            or.b32 $3, t0, t2;""" + scale_asm + """
             }""",
             constraints="=r,=r,=r,=r,r,r,r",
             args=[wb, sc], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-    return tl.reshape(tl.join(r0, r1), (BN, BK))
+    # k = 4j + 2r + e: r0 / r1 hold (j, e) of each word
+    r0 = tl.reshape(r0, (BN, BK // 8, 2, 2))
+    r1 = tl.reshape(r1, (BN, BK // 8, 2, 2))
+    return tl.reshape(tl.permute(tl.join(r0, r1), (0, 1, 2, 4, 3)), (BN, BK))
 
 
 @triton.jit
-def _dequant_bf16x2(w, ws, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):
+def _scales_bf16(ws, MODE: tl.constexpr):
+    """e8m0 scales -> bf16 multipliers: 2^(s-1) (MODE 2: the upcast's 2^126 folded in, s <= 128) or
+    2^(s-127)."""
+    if MODE == 2:
+        return ((ws.to(tl.int16) + 126) << 7).to(tl.bfloat16, bitcast=True)
+    return (ws.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _dequant_bf16x2(w, ws, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr, MODE: tl.constexpr):
     """A "bf16x2"-encoded tile w [BN, BK/2] with its e8m0 scales ws [BN, BK/32] -> bf16 [BN, BK]: the
     MMA path and the GEMV path take their weights from here."""
-    sc = (ws.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)  # 2^(s-127)
+    sc = _scales_bf16(ws, MODE)
     sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, BK // 32, 16)), (BN, BK // 2))
-    return _upcast_bf16x2(w, sc, BN, BK, INTERPRET)
+    return _upcast_bf16x2(w, sc, BN, BK, INTERPRET, MODE)
 
 
 @triton.jit
-def _dequant_fragments(w, ws, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr):
+def _dequant_fragments(w, ws, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr, MODE: tl.constexpr):
     """A "fragments" tile (swizzle_fragments) w [BN/4, 2BK] bytes, ws [BN/4, BK/8] -> bf16 [BN, BK].
 
     Upcast as stored (each 4-byte word one lane's k16 step, both of its rows), then the reshape /
     permute back to [BN, BK], which Triton can lay out as the MMA's A fragments without moving data."""
     R: tl.constexpr = BN // 4
-    sc = (ws.to(tl.int16) << 7).to(tl.bfloat16, bitcast=True)  # 2^(s-127); columns (C, s, q // 2, h)
-    sc = tl.broadcast_to(tl.reshape(sc, (R, BK // 64, 2, 1, 2, 1, 1, 2)), (R, BK // 64, 2, 4, 2, 2, 2, 2))
-    sc = tl.reshape(sc, (R, 2 * BK))  # each stored byte's scale: columns (C, s, t, q, w, h)
-    v = _upcast_bf16x2(w, sc, R, 4 * BK, INTERPRET)  # each byte's two codes, low nibble first
+    sc = _scales_bf16(ws, MODE)  # columns (C, s, q // 2, h)
+    # a word's elements (w, h) take row h = w's scale: elements 0, 1 scale bytes 0, 2 (row g), 2, 3
+    # bytes 1, 3 (row g + 8), as _upcast_bf16x2 reads them
+    sc = tl.broadcast_to(tl.reshape(sc, (R, BK // 64, 2, 1, 2, 1, 2, 1)), (R, BK // 64, 2, 4, 2, 2, 2, 2))
+    sc = tl.reshape(sc, (R, 2 * BK))  # columns (C, s, t, q, w, h)
+    v = _upcast_bf16x2(w, sc, R, 4 * BK, INTERPRET, MODE)  # each byte's two codes, low nibble first
     v = tl.reshape(v, (BN // 16, 4, BK // 64, 2, 4, 4, 2, 2, 2))  # G, p, C, s, t, q, w, h, nibble
     v = tl.permute(v, (0, 7, 1, 3, 2, 5, 6, 4, 8))                 # G, h, p, s, C, q, w, t, nibble
     return tl.reshape(v, (BN, BK))
@@ -311,14 +349,14 @@ def _kstep(acc, a, w, ws, sh, a_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
     """acc += one K step of A @ W^T (acc is [BN, BM] when SWAP)."""
     if FRAG:  # "fragments" weights (always SWAP): the upcast tile is the MMA's A operand, in registers
         ab = a.to(tl.bfloat16)
-        wt = _dequant_fragments(w, ws, BLOCK_N, BLOCK_K, INTERPRET)
+        wt = _dequant_fragments(w, ws, BLOCK_N, BLOCK_K, INTERPRET, DEQ_ASM)
         if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 of bf16 values is exact
             acc += tl.dot(wt.to(tl.float32), tl.trans(ab.to(tl.float32)))
         else:
             acc = tl.dot(wt, tl.trans(ab), acc)
     elif DEQ_ASM:  # "bf16x2"-encoded weights: our upcast in registers, then a bf16 tl.dot
         ab = a.to(tl.bfloat16)
-        wt = _dequant_bf16x2(w, ws, BLOCK_N, BLOCK_K, INTERPRET)
+        wt = _dequant_bf16x2(w, ws, BLOCK_N, BLOCK_K, INTERPRET, DEQ_ASM)
         if INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 of bf16 values is exact
             if SWAP:
                 acc += tl.dot(wt.to(tl.float32), tl.trans(ab.to(tl.float32)))
@@ -377,7 +415,7 @@ def _mainloop(a_ptr, a_row_off, m_mask, a_scale, w_ptr, ws_ptr, wsh_ptr, n, n_ma
             a, w, ws, sh = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi,
                                    stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, True,
                                    EVEN_K, MASK_W, FRAG)
-            wt = _dequant_bf16x2(w, ws, BLOCK_N, BLOCK_K, INTERPRET).to(tl.float32)
+            wt = _dequant_bf16x2(w, ws, BLOCK_N, BLOCK_K, INTERPRET, DEQ_ASM).to(tl.float32)
             acc3 += wt[None, :, :] * a.to(tl.bfloat16).to(tl.float32)[:, None, :]
         return tl.sum(acc3, axis=2)
     if SWAP:
@@ -499,7 +537,8 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr, coun
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
                     DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr,
-                    INTERPRET: tl.constexpr, GEMV: tl.constexpr, FRAG: tl.constexpr):
+                    INTERPRET: tl.constexpr, GEMV: tl.constexpr, FRAG: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -550,7 +589,8 @@ def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
                  ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
                  DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, HAS_BIAS: tl.constexpr,
                  FUSED_COMBINE: tl.constexpr, NA_PAD: tl.constexpr, INTERPRET: tl.constexpr, GEMV: tl.constexpr,
-                 FRAG: tl.constexpr):
+                 FRAG: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -724,9 +764,9 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         K, N, n_tiles_n, k_per_split, *strides, float(alpha), float(limit),
         TOP_K=routing.top_k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
         ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
-        MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.encoding == "bf16x2",
+        MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.upcast_mode,
         PREFETCH=opts.prefetch, SPLIT_K=split, GEMV=opts.gemv, FRAG=w.fragments,
-        INTERPRET=INTERPRETED, num_warps=opts.num_warps, num_stages=opts.num_stages)
+        INTERPRET=INTERPRETED, num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
     return a, a_amax
 
 
@@ -771,11 +811,11 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
             K, N, k_per_split, *strides,
             TOP_K=k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
             ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
-        MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.encoding == "bf16x2",
+        MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.upcast_mode,
         PREFETCH=opts.prefetch,
             HAS_BIAS=bias is not None, FUSED_COMBINE=fused_combine,
             NA_PAD=max(2, triton.next_power_of_2(n_amax)), INTERPRET=INTERPRETED, GEMV=opts.gemv, FRAG=w.fragments,
-            num_warps=opts.num_warps, num_stages=opts.num_stages)
+            num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
     if fused_combine:
         return out.to(out_dtype)
     return moe_combine(out, routing, expert_start, num_local_experts, out_dtype)

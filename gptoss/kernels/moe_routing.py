@@ -28,6 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import pdl_enter
+
 
 @dataclass(frozen=True)
 class RoutingOptions:
@@ -167,7 +170,8 @@ def _routing_fused_kernel(logits_ptr, stride_t, ids_ptr, w_ptr, sorted_ptr, pos_
                           tile_expert_ptr, tile_row_ptr, T, E, expert_start, E_LOCAL, n_tiles_max,
                           BLOCK_T: tl.constexpr, E_PAD: tl.constexpr, TOP_K: tl.constexpr,
                           K_PAD: tl.constexpr, EL_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                          TILE_CHUNK: tl.constexpr):
+                          TILE_CHUNK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     # all tokens in one program: top-k, counts, offsets, scatter and tile map in one launch
     ids, w = _topk_softmax(logits_ptr, stride_t, T, E, 0, BLOCK_T, E_PAD, TOP_K, K_PAD)
     _store_topk(ids, w, ids_ptr, w_ptr, T, 0, BLOCK_T, TOP_K, K_PAD)
@@ -284,7 +288,7 @@ def moe_routing(router_logits: torch.Tensor, top_k: int, expert_start: int, num_
             router_logits, router_logits.stride(0), ids, w, sorted_assign, assign_pos, offsets,
             tile_expert, tile_row, T, E, expert_start, num_local_experts, n_tiles,
             BLOCK_T=bt, E_PAD=e_pad, TOP_K=top_k, K_PAD=k_pad, EL_PAD=el_pad, BLOCK_M=opts.block_m,
-            TILE_CHUNK=tile_chunk, num_warps=opts.num_warps)
+            TILE_CHUNK=tile_chunk, num_warps=opts.num_warps, **pdl.args())
     else:
         n_blocks = triton.cdiv(T, bt)
         hist = torch.empty(n_blocks, num_local_experts, dtype=torch.int32, device=router_logits.device)

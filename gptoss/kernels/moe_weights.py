@@ -22,11 +22,14 @@ ENCODINGS = ("e2m1", "bf16x2")
 # re-packed so that four shift/mask steps give bf16x2 words: a code's sign lands on bit 15 (31) and its
 # three magnitude bits on bits 8..6 (24..22), i.e. the bf16 (sign, exponent low bits, mantissa top
 # bit) of code * 2^-126. Per code: (sign bit, magnitude bits high to low) in the stored word.
-#   word & M -> (k0, k2);  (word << 3) & M -> (k4, k6);  (word << 6) & M -> (k1, k3);
-#   ((word << 1) & 0x80008000) | ((word >> 3) & 0x01800180) | ((word >> 7) & 0x00400040) -> (k5, k7)
-# with M = 0x81C081C0; then * 2^126 and * the block scale, two mul.bf16x2 per pair.
-_BF16X2_BITS = ((15, (8, 7, 6)), (9, (2, 1, 0)), (31, (24, 23, 22)), (25, (18, 17, 16)),
-                (12, (5, 4, 3)), (14, (11, 10, 13)), (28, (21, 20, 19)), (30, (27, 26, 29)))
+#   word & M -> (k0, k1);  (word << 3) & M -> (k4, k5);  (word << 6) & M -> (k2, k3);
+#   ((word << 1) & 0x80008000) | ((word >> 3) & 0x01800180) | ((word >> 7) & 0x00400040) -> (k6, k7)
+# with M = 0x81C081C0; then one mul.bf16x2 by 2^(s-1) (2^126 and the block scale 2^(s-127) in one,
+# where every scale s <= 128) or two. Each output pairs the two codes of one stored byte: one row's
+# two neighbouring k, which is how the MMA's A fragment pairs them (no register shuffles).
+_BF16X2_BITS = ((15, (8, 7, 6)), (31, (24, 23, 22)), (9, (2, 1, 0)), (25, (18, 17, 16)),
+                (12, (5, 4, 3)), (28, (21, 20, 19)), (14, (11, 10, 13)), (30, (27, 26, 29)))
+ONE_MUL_MAX_SCALE = 128  # 2^(s-1) is a bf16 (<= 2^127) up to here
 
 
 def encode_bf16x2(data: torch.Tensor) -> torch.Tensor:
@@ -110,6 +113,12 @@ class MXFP4Weight:
     fragments: bool = False       # the "fragments" layout (swizzle_fragments), "bf16x2" and swap_ab only
     fp8_shift: torch.Tensor | None = None      # uint8, like scales: s_max(row) - s, for "fp8"
     fp8_row_scale: torch.Tensor | None = None  # float32 [E, N]: 2^(s_max - 133), for "fp8"
+    small_scales: bool = False    # every scale <= ONE_MUL_MAX_SCALE: the "bf16x2" upcast multiplies once
+
+    @property
+    def upcast_mode(self) -> int:
+        """The kernels' DEQ_ASM: 0 (not "bf16x2"), 1 (two multiplies a pair), 2 (one)."""
+        return 0 if self.encoding != "bf16x2" else 2 if self.small_scales else 1
 
     @property
     def num_experts(self) -> int:
@@ -155,10 +164,12 @@ def prepare_mxfp4_weight(blocks: torch.Tensor, scales: torch.Tensor, block_k: in
         if encoding != "bf16x2" or block_k or fp8:
             raise ValueError("the fragments layout takes encoding='bf16x2', block_k=0 and fp8=False")
         data, sc = swizzle_fragments(data, scales)
+    small = False
     if encoding == "bf16x2":  # one expert at a time: the int32 temporaries are 16x the bytes
         data = torch.stack([encode_bf16x2(data[e]) for e in range(E)]) if E else data.clone()
+        small = not scales.numel() or int(scales.max()) <= ONE_MUL_MAX_SCALE  # one host sync, at load
     if fragments:
-        return MXFP4Weight(data, sc, N, K, 0, encoding, fragments=True)
+        return MXFP4Weight(data, sc, N, K, 0, encoding, fragments=True, small_scales=small)
     if block_k:
         if block_k < 32 or block_k & (block_k - 1):
             raise ValueError(f"block_k={block_k} must be a power of two >= 32")
@@ -167,7 +178,7 @@ def prepare_mxfp4_weight(blocks: torch.Tensor, scales: torch.Tensor, block_k: in
         data = data.reshape(E, N, kp // block_k, block_k // 2).permute(0, 2, 1, 3).contiguous()
         sc = torch.nn.functional.pad(sc, (0, (kp - K) // 32))
         sc = sc.reshape(E, N, kp // block_k, block_k // 32).permute(0, 2, 1, 3).contiguous()
-    w = MXFP4Weight(data, sc, N, K, block_k, encoding)
+    w = MXFP4Weight(data, sc, N, K, block_k, encoding, small_scales=small)
     if fp8:
         s = scales.to(torch.int32)
         smax = s.amax(-1, keepdim=True)

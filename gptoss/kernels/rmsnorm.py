@@ -16,9 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import pdl_enter
+
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, stride_x, stride_r, stride_y, stride_h, N, eps,
-                     BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+                     BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -62,5 +66,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         r = residual if residual is not None else x
         block = triton.next_power_of_2(N)
         _rms_norm_kernel[(T,)](x, r, weight, y, h, x.stride(0), r.stride(0), y.stride(0), h.stride(0), N, eps,
-                               BLOCK=block, RESIDUAL=residual is not None, num_warps=min(16, max(1, block // 256)))
+                               BLOCK=block, RESIDUAL=residual is not None, num_warps=min(16, max(1, block // 256)),
+                               **pdl.args())
     return y if residual is None else (y, h)
