@@ -36,20 +36,26 @@ class GemvOptions:
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  PDL: tl.constexpr):
-    pdl_enter(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     m = tl.arange(0, BLOCK_M)
     m_mask = m < M
     w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn
+    # the weights do not depend on the kernel before: the first K step is loaded before the PDL wait,
+    # and each step's load is issued before the previous step's math (the last one fully masked)
+    k = tl.arange(0, BLOCK_K)
+    w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
+    pdl_enter(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < K
-        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0).to(tl.float32)
-        acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)  # [BLOCK_M, BLOCK_N]
+        w_next = tl.load(w_rows + (k + BLOCK_K)[None, :], mask=n_mask[:, None] & ((k + BLOCK_K) < K)[None, :],
+                         other=0.0)
+        acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)  # [BLOCK_M, BLOCK_N]
+        w = w_next
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),

@@ -528,7 +528,7 @@ def _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M: tl.co
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr, count_ptr,
+def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr, count_ptr, zero_ptr, n_zero, zero_chunk,
                     w_ptr, ws_ptr, wsh_ptr, wrs_ptr, b_ptr,
                     sorted_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
                     K, N, n_tiles_n, k_per_split,
@@ -537,11 +537,17 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr, coun
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
                     DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr,
-                    INTERPRET: tl.constexpr, GEMV: tl.constexpr, FRAG: tl.constexpr, PDL: tl.constexpr):
+                    INTERPRET: tl.constexpr, GEMV: tl.constexpr, FRAG: tl.constexpr, PDL: tl.constexpr,
+                    ZERO: tl.constexpr):
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    if ZERO:  # the down GEMM's float32 output, which its atomics add into: each program zeroes a slice
+        z0 = ((pid_m * n_tiles_n + pid_n) * SPLIT_K + pid_k) * zero_chunk
+        for z in range(z0, z0 + zero_chunk, 1024):
+            offs = z + tl.arange(0, 1024)
+            tl.store(zero_ptr + offs, tl.zeros((1024,), tl.float32), mask=(offs < n_zero) & (offs < z0 + zero_chunk))
     e, rows, m_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M)
     if e < 0:
         return
@@ -565,13 +571,19 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr, coun
         # partial sums over K meet in h [rows, N] (fp32, zeroed); the tile's last split to arrive
         # applies bias + SwiGLU (no second kernel): every thread's adds are issued before the barrier,
         # the counter's acq_rel add publishes them (CTA barrier + gpu-scope release) and lets the
-        # last arriver read the finished sums from L2
+        # last arriver read the finished sums from L2. It then clears what it read (sums and
+        # counter), so the workspace is zero again for the next call without a memset.
         mask = m_mask[:, None] & n_mask[None, :]
         h_tile = h_ptr + rows.to(tl.int64)[:, None] * N + n[None, :]
         tl.atomic_add(h_tile, acc, mask=mask, sem="relaxed")
         tl.debug_barrier()
-        if tl.atomic_add(count_ptr + pid_m * n_tiles_n + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
+        count = count_ptr + pid_m * n_tiles_n + pid_n
+        if tl.atomic_add(count, 1, sem="acq_rel") == SPLIT_K - 1:
             acc = tl.load(h_tile, mask=mask, other=0.0, cache_modifier=".cg")
+            # a layout may give one element to two threads: all reads land before any clearing
+            tl.debug_barrier()
+            tl.store(h_tile, tl.zeros_like(acc), mask=mask)
+            tl.store(count, 0)
             _swiglu_store(acc, rows, m_mask, n, n_mask, e64, pid_n, b_ptr, a_ptr, a_amax_ptr, N, n_tiles_n,
                           alpha, limit, BLOCK_M, BLOCK_N, ACT, INTERPRET)
     else:
@@ -715,8 +727,8 @@ def _k_splits(K: int, opts: GemmOptions) -> tuple[int, int]:
 
 
 def gate_up_workspace_size(routing: Routing, w: MXFP4Weight, opts: GemmOptions) -> int:
-    """float32 elements of zeroed workspace moe_gate_up needs (0 without split-K): the partial sums
-    [T*k, N] and one arrival counter per output tile."""
+    """float32 elements of workspace moe_gate_up needs (0 without split-K): the partial sums [T*k, N]
+    and one arrival counter per output tile. Zero on entry, and moe_gate_up leaves it zero."""
     if _k_splits(w.k, opts)[0] == 1:
         return 0
     return routing.num_tokens * routing.top_k * w.n + routing.max_tiles * triton.cdiv(w.n, opts.block_n)
@@ -724,11 +736,13 @@ def gate_up_workspace_size(routing: Routing, w: MXFP4Weight, opts: GemmOptions) 
 
 def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Tensor, act: str,
                 alpha: float, limit: float, opts: GemmOptions, x_amax: torch.Tensor | None = None,
-                workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                workspace: torch.Tensor | None = None, zero: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [T, H] -> (a [T*k, I] in x.dtype, rows in routing's grouped order; for "fp8" also per-tile
     maxima of |a| [T*k, n_tiles] float32, else None). bias [E, 2I] float32; x_amax [T] for "fp8".
-    workspace: zeroed float32 of at least gate_up_workspace_size elements (None: allocated here), so
-    that a caller can zero it together with other buffers in one memset."""
+    workspace: float32 of at least gate_up_workspace_size elements, zero on entry and left zero (None:
+    allocated here), so that a caller can keep one instead of zeroing memory every call. zero: a
+    contiguous float32 tensor the kernel zeroes on the way (moe_down's fused-combine output)."""
     _check_gemm(x, w, opts, act, "moe_gate_up")
     _check_rows(routing, opts, "moe_gate_up")
     if opts.block_n < 32 or opts.split_k < 1:
@@ -756,8 +770,14 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         h = workspace[:R * N]
         count = workspace[R * N:need].view(torch.int32)
     amax_or_a = a_amax if a_amax is not None else a
-    _gate_up_kernel[(routing.max_tiles, n_tiles_n, split)](
+    grid = (routing.max_tiles, n_tiles_n, split)
+    if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()):
+        raise ValueError(f"moe_gate_up: zero must be a contiguous float32 tensor, got {zero.dtype}")
+    n_zero = zero.numel() if zero is not None else 0
+    zero_chunk = triton.cdiv(triton.cdiv(n_zero, grid[0] * grid[1] * grid[2]), 4) * 4
+    _gate_up_kernel[grid](
         x, x.stride(0), a, amax_or_a, x_amax if x_amax is not None else a, h, count,
+        zero if zero is not None else h, n_zero, zero_chunk,
         w.data, w.scales, w.fp8_shift if act == "fp8" else dummy,
         w.fp8_row_scale if act == "fp8" else bias, bias,
         routing.sorted_assign, routing.expert_offsets, routing.tile_expert, routing.tile_row,
@@ -765,7 +785,7 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         TOP_K=routing.top_k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
         ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
         MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.upcast_mode,
-        PREFETCH=opts.prefetch, SPLIT_K=split, GEMV=opts.gemv, FRAG=w.fragments,
+        PREFETCH=opts.prefetch, SPLIT_K=split, GEMV=opts.gemv, FRAG=w.fragments, ZERO=n_zero > 0,
         INTERPRET=INTERPRETED, num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
     return a, a_amax
 

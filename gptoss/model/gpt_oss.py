@@ -24,6 +24,7 @@ from .rope import RotaryEmbedding
 # gemv.linear_rows instead of cuBLAS; switches so that scripts/ab_decode.py can compare in one process
 GEMV_O_PROJ = True
 GEMV_ROUTER = True
+GEMV_QKV = True
 # the router's [32, 2880] weight: one output column per program (H100: 2.7 us, cuBLAS 6.0 in two kernels)
 ROUTER_GEMV = GemvOptions(block_n=1, block_k=2048)
 
@@ -77,7 +78,10 @@ class AttentionBlock(nn.Module):
         ctx = get_forward_context()
         t, x = self.norm(x, delta) if delta is not None else (self.norm(x), x)
         with torch.profiler.record_function("attn.qkv"):
-            qkv = F.linear(t, self.qkv_weight, self.qkv_bias)  # [T, q + 2kv]
+            if GEMV_QKV and _gemv_ok(t, self.qkv_weight):
+                qkv = linear_rows(t, self.qkv_weight, self.qkv_bias)
+            else:
+                qkv = F.linear(t, self.qkv_weight, self.qkv_bias)  # [T, q + 2kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # [T, Hq, D]
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, Hkv, D]

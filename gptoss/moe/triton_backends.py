@@ -146,6 +146,21 @@ class _TritonMoE(MoEBackend):
         self.b2 = weights.down_bias.float().contiguous() if spec.add_down_bias else None
         self._config = config
 
+    # split-K gate_up workspaces (zero between calls: the kernel clears what it used), one per device,
+    # shared by the layers, which run one after another on the device's stream
+    _workspaces: ClassVar[dict[torch.device, torch.Tensor]] = {}
+
+    @classmethod
+    def _workspace(cls, n: int, device: torch.device) -> torch.Tensor | None:
+        """A zeroed float32 workspace of at least n elements. It grows in eager steps (a CUDA graph's
+        warm-up step runs first), so no memset lands in a captured graph."""
+        if n == 0:
+            return None
+        ws = cls._workspaces.get(device)
+        if ws is None or ws.numel() < n:
+            ws = cls._workspaces[device] = torch.zeros(max(n, 1 << 16), dtype=torch.float32, device=device)
+        return ws
+
     def config_for(self, num_tokens: int) -> MoEKernelConfig:
         if isinstance(self._config, MoEKernelConfig):
             return self._config
@@ -167,16 +182,14 @@ class _TritonMoE(MoEBackend):
         with record_function("moe.route"):
             routing = moe_routing(router_logits, spec.top_k, spec.expert_start, spec.local_experts,
                                   RoutingOptions(block_m=cfg.block_m))
-        # one memset zeroes what both GEMMs accumulate into: gate_up's split-K sums and arrival
-        # counters, and the fused combine's output
-        n_up = gate_up_workspace_size(routing, self.w1, cfg.gate_up)
-        n_out = x.shape[0] * self.w2.n if cfg.fused_combine else 0
-        zeroed = torch.zeros(n_up + n_out, dtype=torch.float32, device=x.device)
-        out = zeroed[n_up:].view(x.shape[0], self.w2.n) if cfg.fused_combine else None
+        # no memset between the kernels: gate_up's split-K workspace is kept zero by the kernel itself,
+        # and gate_up zeroes the fused combine's output on its way
+        workspace = self._workspace(gate_up_workspace_size(routing, self.w1, cfg.gate_up), x.device)
+        out = torch.empty(x.shape[0], self.w2.n, dtype=torch.float32, device=x.device) if cfg.fused_combine else None
         x_amax = row_absmax(x) if self.act == "fp8" else None
         with record_function("moe.w1"):
             a, a_amax = moe_gate_up(x, routing, self.w1, self.b1, self.act, spec.swiglu_alpha,
-                                    spec.swiglu_limit, cfg.gate_up, x_amax, zeroed[:n_up])
+                                    spec.swiglu_limit, cfg.gate_up, x_amax, workspace, out)
         with record_function("moe.w2"):
             return moe_down(a, a_amax, routing, self.w2, self.b2, self.act, cfg.down, spec.expert_start,
                             spec.local_experts, cfg.fused_combine,
