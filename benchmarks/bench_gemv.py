@@ -27,7 +27,11 @@ OPTIONS = [GemvOptions(16, 512, 4, 2), GemvOptions(8, 1024, 4, 2), GemvOptions(4
            GemvOptions(2, 1024, 4, 2), GemvOptions(4, 2048, 8, 2), GemvOptions(2, 2048, 4, 2),
            GemvOptions(4, 1024, 2, 2), GemvOptions(8, 2048, 8, 2), GemvOptions(1, 2048, 4, 2),
            GemvOptions(2, 512, 2, 2), GemvOptions(1, 1024, 4, 2), GemvOptions(1, 512, 4, 2),
-           GemvOptions(1, 512, 2, 3), GemvOptions(1, 256, 1, 3)]
+           GemvOptions(1, 512, 2, 3), GemvOptions(1, 256, 1, 3),
+           # persistent grids: strips streamed back to back
+           GemvOptions(4, 1024, 4, 2, 4), GemvOptions(4, 1024, 4, 2, 6), GemvOptions(4, 512, 4, 2, 8),
+           GemvOptions(2, 1024, 4, 2, 8), GemvOptions(8, 512, 4, 2, 4), GemvOptions(2, 512, 2, 2, 12),
+           GemvOptions(4, 512, 4, 2, 6)]
 
 
 def main():
@@ -46,7 +50,8 @@ def main():
         x = torch.randn(a.rows, K, device="cuda").bfloat16()
         ref = linear_rows_torch(x, ws[0], bs[0]).float()
         runs = [("cuBLAS (F.linear)", lambda w, b: F.linear(x, w, b))]
-        runs += [(f"linear_rows n{o.block_n} k{o.block_k} w{o.num_warps} s{o.num_stages}",
+        runs += [(f"linear_rows n{o.block_n} k{o.block_k} w{o.num_warps} s{o.num_stages}"
+                  + (f" p{o.programs_per_sm}" if o.programs_per_sm else ""),
                   lambda w, b, o=o: linear_rows(x, w, b, o)) for o in OPTIONS]
         for label, fn in runs:
             try:

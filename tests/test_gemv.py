@@ -36,7 +36,8 @@ def test_kernel_in_interpreter():
     code = ("import torch, tests.test_gemv as t\n"
             "from gptoss.kernels.gemv import GemvOptions as O\n"
             "cases = ((1, 40, 300, True, O()), (2, 33, 1000, False, O(16, 128)), (1, 5, 2048, True, O(2, 512)),\n"
-            "         (2, 64, 64, True, O(8, 1024)), (1, 32, 2880, True, O(1, 1024)))\n"
+            "         (2, 64, 64, True, O(8, 1024)), (1, 32, 2880, True, O(1, 1024)),\n"
+            "         (1, 40, 300, True, O(4, 128, programs_per_sm=1)), (2, 33, 1000, False, O(2, 256, programs_per_sm=2)))\n"
             "for i, (M, N, K, b, o) in enumerate(cases):\n"
             "    t.check_against_twin('cpu', torch.float32, M, N, K, b, o, i)\n"
             "print('ok')\n")
@@ -49,5 +50,6 @@ def test_kernel_in_interpreter():
 @pytest.mark.parametrize("M,N,K,bias", [(1, 2880, 4096, True), (1, 5120, 2880, True), (2, 2880, 4096, False),
                                         (1, 1440, 2048, False), (1, 32, 2880, True)])
 def test_gpu_matches_twin(M, N, K, bias):
-    for opts in (GemvOptions(), GemvOptions(8, 512), GemvOptions(16, 256, 4, 3), GemvOptions(1, 1024)):
+    for opts in (GemvOptions(), GemvOptions(8, 512), GemvOptions(16, 256, 4, 3), GemvOptions(1, 1024),
+                 GemvOptions(4, 1024, programs_per_sm=4), GemvOptions(2, 512, programs_per_sm=8)):
         check_against_twin("cuda", torch.bfloat16, M, N, K, bias, opts, M + N)

@@ -64,6 +64,13 @@ class GemmOptions:
     prefetch: int = 0       # 0, 1, 2: K steps loaded ahead in registers (besides num_stages)
     gemv: bool = False      # no MMA: "bf16x2" weights upcast in registers, products summed in fp32
                             # FMAs; for decode's 1-4 rows per expert (routing block_m = rows per program)
+    maxnreg: int = 0        # registers per thread ptxas may use (0: its choice); fewer fit more programs an SM
+
+    def launch_options(self) -> dict:
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg and not INTERPRETED:  # the interpreter takes no compiler options
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -786,7 +793,7 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
         MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.upcast_mode,
         PREFETCH=opts.prefetch, SPLIT_K=split, GEMV=opts.gemv, FRAG=w.fragments, ZERO=n_zero > 0,
-        INTERPRET=INTERPRETED, num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
+        INTERPRET=INTERPRETED, **opts.launch_options(), **pdl.args())
     return a, a_amax
 
 
@@ -835,7 +842,7 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
         PREFETCH=opts.prefetch,
             HAS_BIAS=bias is not None, FUSED_COMBINE=fused_combine,
             NA_PAD=max(2, triton.next_power_of_2(n_amax)), INTERPRET=INTERPRETED, GEMV=opts.gemv, FRAG=w.fragments,
-            num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
+            **opts.launch_options(), **pdl.args())
     if fused_combine:
         return out.to(out_dtype)
     return moe_combine(out, routing, expert_start, num_local_experts, out_dtype)

@@ -77,8 +77,11 @@ def fragments_config(num_tokens: int, spec: MoESpec) -> MoEKernelConfig:
     rows = num_tokens * spec.top_k / spec.local_experts
     if rows <= 16:  # decode: split-K below one row per expert (both GEMMs) and below four (down)
         split_up, split_down = (4, 4) if rows < 1 else (1, 2) if rows < 4 else (1, 1)
+        # below one row per expert, down capped at 80 registers fits 6 programs an SM instead of 5
+        # (H100, 4 layers a call: 13.4 vs 14.4 us at 1 token, 30.3 vs 31.9 at 4)
         return MoEKernelConfig(block_m=16, gate_up=GemmOptions(64, 128, 4, 3, swap_ab=True, split_k=split_up),
-                               down=GemmOptions(64, 128, 4, 3, swap_ab=True, split_k=split_down),
+                               down=GemmOptions(64, 128, 4, 3, swap_ab=True, split_k=split_down,
+                                                maxnreg=80 if rows < 1 else 0),
                                fused_combine=True)
     if rows <= 96:  # batch 128-768 decode
         return MoEKernelConfig(block_m=64, gate_up=GemmOptions(128, 64, 4, 4, swap_ab=True),
