@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss.kernels.gemv import GemvOptions, linear_rows, linear_rows_torch
+from gptoss.kernels.gemv import (GemvOptions, linear_rows, linear_rows_torch, rms_norm_linear_rows,
+                                 rms_norm_linear_rows_torch)
 
 def check_against_twin(device: str, dtype: torch.dtype, M: int, N: int, K: int, bias: bool, opts, seed: int):
     g = torch.Generator().manual_seed(seed)
@@ -23,6 +24,33 @@ def check_against_twin(device: str, dtype: torch.dtype, M: int, N: int, K: int, 
     err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     tol = 1e-5 if dtype == torch.float32 else 2 ** -7
     assert err <= tol, (M, N, K, bias, opts, err)
+
+
+def check_norm_against_twin(device: str, dtype: torch.dtype, N: int, K: int, res_dtype: torch.dtype, opts,
+                            seed: int):
+    """The norm + GEMV kernel: t and h as rms_norm gives them (a bf16 t may round the other way where
+    the sum of squares differs in its last bit), y as linear_rows of that t."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, K, generator=g).to(dtype).to(device)
+    r = torch.randn(1, K, generator=g).to(res_dtype).to(device)
+    nw = (1 + 0.1 * torch.randn(K, generator=g)).to(dtype).to(device)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype).to(device)
+    b = torch.randn(N, generator=g).to(dtype).to(device)
+    t, h, y = rms_norm_linear_rows(x, r, nw, 1e-5, w, b, opts)
+    t_ref, h_ref, y_ref = rms_norm_linear_rows_torch(x, r, nw, 1e-5, w, b)
+    assert t.dtype == h.dtype == y.dtype == dtype and y.shape == (1, N)
+    assert torch.equal(h, h_ref)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    for name, a, ref in (("t", t, t_ref), ("y", y, y_ref)):
+        err = ((a.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        assert err <= tol, (name, N, K, opts, err)
+
+
+def test_norm_gemv_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="one row of the same K"):
+        rms_norm_linear_rows(torch.randn(2, 8), torch.randn(2, 8), torch.ones(8), 1e-5, torch.randn(4, 8))
+    with pytest.raises(ValueError, match="one row of the same K"):
+        rms_norm_linear_rows(torch.randn(1, 8), torch.randn(1, 8), torch.ones(8), 1e-5, torch.randn(4, 6))
 
 
 def test_rejects_more_rows_and_mismatched_k():
@@ -40,9 +68,20 @@ def test_kernel_in_interpreter():
             "         (1, 40, 300, True, O(4, 128, programs_per_sm=1)), (2, 33, 1000, False, O(2, 256, programs_per_sm=2)))\n"
             "for i, (M, N, K, b, o) in enumerate(cases):\n"
             "    t.check_against_twin('cpu', torch.float32, M, N, K, b, o, i)\n"
+            "for i, (N, K, rd, o) in enumerate(((32, 2880, torch.float32, O(1, 2048)), (5, 300, torch.float32, O(2, 128)))):\n"
+            "    t.check_norm_against_twin('cpu', torch.float32, N, K, rd, o, 10 + i)\n"
             "print('ok')\n")
     from interpreted import check_interpreted
     check_interpreted(code)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("res_dtype", [torch.bfloat16, torch.float32])
+def test_gpu_norm_gemv_matches_twin(res_dtype):
+    from gptoss.model.gpt_oss import ROUTER_GEMV
+    for i, (N, K, o) in enumerate(((32, 2880, ROUTER_GEMV), (32, 2880, GemvOptions()), (640, 2880, GemvOptions(2, 512)))):
+        check_norm_against_twin("cuda", torch.bfloat16, N, K, res_dtype, o, i)
 
 
 @pytest.mark.gpu
