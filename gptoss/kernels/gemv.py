@@ -4,9 +4,10 @@ a strip of BLOCK_N output columns over all of K, products summed in fp32.
     y = linear_rows(x, w, bias)       # x [M, K] (M <= MAX_ROWS), w [N, K], bias [N] or None -> [M, N]
     t, h, y = rms_norm_linear_rows(x, residual, norm_weight, eps, w, bias)   # the norm fused in, one row
 
-Used for the attention output projection at one row, where cuBLAS's small-M kernel reaches 68% of
-the copy bandwidth: 11.7 us against 14.2 for the 20b's [2880, 4096] weight on H100 (qkv [5120,
-2880]: 13.8 against cuBLAS's 13.4, and at two rows cuBLAS wins both; `benchmarks/bench_gemv.py`).
+Used at one row for the attention projections and the router, where cuBLAS's small-M kernels reach
+55-75% of the copy bandwidth: o [2880, 4096] 10.8 us against 14.4, qkv [5120, 2880] 13.3 on the
+persistent grid against 13.3 (H100, `benchmarks/bench_gemv.py`); ours also take part in programmatic
+dependent launch (gptoss.kernels.pdl), cuBLAS's do not. At two rows cuBLAS won both.
 `GemvOptions` picks the strip and K-step sizes; `linear_rows_torch` is the twin (fp32 sums of the same
 bf16 values, rounded once to x.dtype).
 """

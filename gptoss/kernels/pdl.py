@@ -14,9 +14,9 @@ kernel before it had ended) and keeps a kernel from writing a buffer the previou
 Kernels launched without PDL (cuBLAS, torch's) keep the plain stream order.
 
 PDL is off unless a caller turns it on (`enabled(True)`): the decode CUDA graphs do for small
-batches, whose kernels fill the GPU at most once or twice; a probe on H100 (`launch_pdl` over a chain
-of 200 kernels) saved 0.3 us a kernel for tiny ones and 0.55 us for 4 MB reads, but cost 2.9 us a
-kernel for 16 MB reads over 1,024 programs.
+batches (engine.cuda_graphs.PDL_MAX_BATCH), whose kernels fill the GPU at most once or twice. A probe
+on H100 (`scripts/pdl_probe.py`: a chain of 200 kernels in a graph) saved 0.3 us a kernel for tiny
+ones and 0.55 us for 4 MB reads, but cost 2.9 us a kernel for 16 MB reads over 1,024 programs.
 
     with pdl.enabled(True):
         kernel[grid](..., **pdl.args())     # PDL=True, launch_pdl=True; else PDL=False
