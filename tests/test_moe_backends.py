@@ -351,6 +351,25 @@ def test_split_k_workspace(interp):
         G.moe_down(a, None, r, w2, b2, "bf16", o, 0, E, True, torch.float32, torch.zeros(T, H).bfloat16())
 
 
+def test_split_k_workspace_grows_and_keeps_the_outgrown():
+    """The backends' shared workspace grows when a step needs more (a short prompt's prefill after the
+    decode graphs were captured) and keeps the outgrown one alive: graphs replay with its address."""
+    from gptoss.moe.triton_backends import _TritonMoE
+    dev = torch.device("cpu")
+    saved = _TritonMoE._workspaces.pop(dev, None)
+    try:
+        small = _TritonMoE._workspace(100, dev)
+        assert small.numel() >= 100 and not small.any() and _TritonMoE._workspace(50, dev) is small
+        assert _TritonMoE._workspace(0, dev) is None
+        big = _TritonMoE._workspace(small.numel() + 1, dev)
+        assert big.numel() >= 2 * small.numel() and not big.any()
+        assert any(t is small for t in _TritonMoE._outgrown)
+    finally:
+        _TritonMoE._workspaces.pop(dev, None)
+        if saved is not None:
+            _TritonMoE._workspaces[dev] = saved
+
+
 def check_gemv(G, R, g, device, T, block_m, up, down, fused, E=4, k=2, H=160, I=96):
     """Both GEMMs on the no-MMA path against their twins; returns (x, routing, w1, b1, weights)."""
     w = random_weights(MoESpec(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I), g, device)

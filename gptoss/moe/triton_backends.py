@@ -150,18 +150,24 @@ class _TritonMoE(MoEBackend):
         self._config = config
 
     # split-K gate_up workspaces (zero between calls: the kernel clears what it used), one per device,
-    # shared by the layers, which run one after another on the device's stream
+    # shared by the layers, which run one after another on the device's stream. One outgrown stays
+    # allocated: CUDA graphs captured with it keep its address.
     _workspaces: ClassVar[dict[torch.device, torch.Tensor]] = {}
+    _outgrown: ClassVar[list[torch.Tensor]] = []
 
     @classmethod
     def _workspace(cls, n: int, device: torch.device) -> torch.Tensor | None:
         """A zeroed float32 workspace of at least n elements. It grows in eager steps (a CUDA graph's
-        warm-up step runs first), so no memset lands in a captured graph."""
+        warm-up step runs first, and a short prompt's prefill may need more than the graphs did), so
+        no memset lands in a captured graph; it at least doubles when it grows."""
         if n == 0:
             return None
         ws = cls._workspaces.get(device)
         if ws is None or ws.numel() < n:
-            ws = cls._workspaces[device] = torch.zeros(max(n, 1 << 16), dtype=torch.float32, device=device)
+            if ws is not None:
+                cls._outgrown.append(ws)
+            size = max(n, 1 << 16, 2 * ws.numel() if ws is not None else 0)
+            ws = cls._workspaces[device] = torch.zeros(size, dtype=torch.float32, device=device)
         return ws
 
     def config_for(self, num_tokens: int) -> MoEKernelConfig:
