@@ -80,6 +80,7 @@ class AttentionBlock(nn.Module):
         """(residual stream, the previous block's output not yet added, in any float dtype) -> the
         same pair after this block: the add is folded into this block's norm."""
         ctx = get_forward_context()
+        # (the norm inside the qkv GEMV, as the router's, measured no faster: 2.181 vs 2.182 ms a token)
         t, x = self.norm(x, delta) if delta is not None else (self.norm(x), x)
         with torch.profiler.record_function("attn.qkv"):
             if GEMV_QKV and _gemv_ok(t, self.qkv_weight):
