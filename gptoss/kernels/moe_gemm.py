@@ -8,7 +8,8 @@ into the second.
 
 Activations (`act`) and how the MXFP4 tile reaches the tensor cores:
   "bf16":  weights "bf16x2"-encoded at load (the codes re-packed, see _BF16X2_BITS): each 4 bytes
-           become 8 bf16 in ~13 integer ops and 8 mul.bf16x2 of inline asm, then a bf16 tl.dot.
+           become 8 bf16 in ~13 integer ops and 4 mul.bf16x2 of inline asm (8 where a block scale
+           exceeds 128), then a bf16 tl.dot.
            Weights "e2m1" (checkpoint codes): tl.dot_scaled, where Triton upcasts on Hopper
            (fast_math: an e8m0 NaN scale, 255, never in a checkpoint, is not turned into NaNs).
   "fp8":   e4m3 x e4m3 on the fp8 tensor cores. Activations are quantized as they are loaded with
