@@ -13,7 +13,6 @@ Nothing here syncs with the device: seq_lens etc. stay on it, max_* are host int
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ import triton
 
 from . import attention_triton as _k
 from . import pdl
+from .sm_count import sm_count
 from .attention_torch import paged_attention_torch, rope_write_kv_torch, write_kv_torch
 
 # the interpreter (TRITON_INTERPRET=1 before this module was imported) runs the kernels on CPU tensors
@@ -144,19 +144,12 @@ def _launch_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping, k_scale, v_s
         ROPE=rope is not None, FP8=fp8, num_warps=1 if rope is None else 4, **pdl.args())
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few splits so that they get exercised
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _num_splits(batch: int, num_kv_heads: int, span: int, device: torch.device, opts: AttentionOptions) -> int:
     """Splits of the context per (sequence, KV head): about programs_per_sm programs per SM (never
     rounding up past it: a second partial wave costs more than it brings), each >= min_split keys."""
     if opts.decode_num_splits is not None:
         return max(1, opts.decode_num_splits)
-    want = opts.decode_programs_per_sm * _sm_count(device) // (batch * num_kv_heads)
+    want = opts.decode_programs_per_sm * sm_count(device) // (batch * num_kv_heads)
     return max(1, min(want, triton.cdiv(span, opts.decode_min_split)))
 
 

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import pdl_enter
+from .sm_count import sm_count
 
 MAX_ROWS = 2
 
@@ -106,17 +107,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _launch(x, w, bias, y, opts: GemvOptions, norm=None) -> None:
     """The GEMV over x's rows, or (norm = (residual, norm_weight, eps, t, h)) over rms_norm(x + residual)."""
     M, K = x.shape
     N = w.shape[0]
     grid = triton.cdiv(N, opts.block_n)
     if opts.programs_per_sm:
-        grid = min(grid, opts.programs_per_sm * _num_sms(x.device))
+        grid = min(grid, opts.programs_per_sm * sm_count(x.device))
     r, nw, eps, t, h = norm if norm is not None else (x, x, 0.0, x, x)
     _gemv_kernel[(grid,)](
         x, w, bias if bias is not None else w, y, r, nw, t, h, M, N, K, float(eps), x.stride(0), w.stride(0),
