@@ -28,8 +28,13 @@ def variants(spec):
             return dataclasses.replace(c, gate_up=dataclasses.replace(c.gate_up, split_k=up or c.gate_up.split_k),
                                        down=dataclasses.replace(c.down, split_k=down or c.down.split_k))
         return cfg
+    def down64(n):  # below one row per expert: the 64-row down tiles capped at 80 registers of 56dea0f
+        c = fragments_config(n, spec)
+        if n * spec.top_k / spec.local_experts >= 1:
+            return c
+        return dataclasses.replace(c, down=dataclasses.replace(c.down, block_n=64, maxnreg=80))
     return {"default": None, "gate_up split_k=1": split(up=1), "gate_up split_k=2": split(up=2),
-            "down split_k=2": split(down=2)}
+            "down split_k=2": split(down=2), "down 64-row tiles": down64}
 
 
 def decode_ms(llm, batch: int, n: int = 129) -> float:

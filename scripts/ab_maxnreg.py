@@ -6,20 +6,14 @@ graph, and each down result against the uncapped one.
 """
 import sys, dataclasses, torch
 sys.path.insert(0, "benchmarks")
-from bench_moe import random_weights, distinct_logits, bench  # noqa
+from bench_moe import prepared_layers, distinct_logits, bench  # noqa
 from gptoss.moe.base import MoESpec
 from gptoss.moe.triton_backends import fragments_config
-from gptoss.kernels.moe_weights import prepare_mxfp4_weight
 from gptoss.kernels.moe_gemm import moe_gate_up, moe_down
 from gptoss.kernels.moe_routing import moe_routing, RoutingOptions
 spec = MoESpec(num_experts=32, top_k=4, hidden_size=2880, intermediate_size=2880)
 g = torch.Generator(device="cuda").manual_seed(0)
-ws = []
-for _ in range(4):
-    w = random_weights(spec, g, "cuda")
-    ws.append((prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2", True),
-               prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, "bf16x2", True),
-               w.gate_up_bias.float(), w.down_bias.float()))
+ws = prepared_layers(spec, g, 4)
 print("| T | gemm | maxnreg | us | vs twin max err |")
 for T in (1, 2, 4, 8):
     cfg = fragments_config(T, spec)

@@ -26,7 +26,8 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 PTR = {"x_ptr": "*bf16", "a_ptr": "*bf16", "a_amax_ptr": "*fp32", "x_amax_ptr": "*fp32", "h_ptr": "*fp32",
        "count_ptr": "*i32", "zero_ptr": "*fp32", "w_ptr": "*u8", "ws_ptr": "*u8", "wsh_ptr": "*u8",
        "wrs_ptr": "*fp32", "b_ptr": "*fp32", "sorted_ptr": "*i32", "offsets_ptr": "*i32",
-       "tile_expert_ptr": "*i32", "tile_row_ptr": "*i32", "out_ptr": "*fp32", "topk_w_ptr": "*fp32"}
+       "tile_expert_ptr": "*i32", "tile_row_ptr": "*i32", "out_ptr": "*fp32", "topk_w_ptr": "*fp32",
+       "logits_ptr": "*bf16", "ids_ptr": "*i32"}
 DIV16 = {"stride_xt", "K", "N", "k_per_split", "stride_we", "stride_wn", "stride_wkb", "stride_se", "stride_sn",
          "stride_skb", "n_tiles_n"}
 
@@ -82,8 +83,9 @@ def main():
     ap.add_argument("--upcast-mode", type=int, default=2, help="1: two multiplies a pair, 2: one")
     a = ap.parse_args()
     common = dict(TOP_K=4, BLOCK_M=16, BLOCK_N=a.block_n, BLOCK_K=a.block_k, ACT=0, SWAP=True, EVEN_K=False,
-                  MASK_W=False, DEQ_ASM=a.upcast_mode, PREFETCH=0, INTERPRET=False, GEMV=False, FRAG=True, PDL=True)
-    kernels = {"gate_up": (G._gate_up_kernel, dict(common, SPLIT_K=a.split, ZERO=True)),
+                  MASK_W=False, DEQ_ASM=a.upcast_mode, PREFETCH=0, INTERPRET=False, GEMV=False, FRAG=True, PDL=True,
+                  INLINE=False)
+    kernels = {"gate_up": (G._gate_up_kernel, dict(common, SPLIT_K=a.split, ZERO=True, E_PAD=32, K_PAD=4)),
                "down": (G._down_kernel, dict(common, HAS_BIAS=True, FUSED_COMBINE=True, NA_PAD=2))}
     per_thread = a.block_n * a.block_k // 128  # weights a thread upcasts each K step (4 warps)
     for name, (fn, consts) in kernels.items():

@@ -71,6 +71,10 @@ def test_kernel_in_interpreter():
             "for i, (N, K, rd, o) in enumerate(((32, 2880, torch.float32, O(1, 2048)), (5, 300, torch.float32, O(2, 128)),\n"
             "                                   (40, 300, torch.float32, O(4, 128, programs_per_sm=1)))):\n"
             "    t.check_norm_against_twin('cpu', torch.float32, N, K, rd, o, 10 + i)\n"
+            "import gptoss.kernels.gemv as g\n"
+            "g.ONE_ROW_PATH = False  # one row through the two-row (3-D) form, the A/B switch\n"
+            "t.check_against_twin('cpu', torch.float32, 1, 40, 300, True, O(), 20)\n"
+            "t.check_norm_against_twin('cpu', torch.float32, 5, 300, torch.float32, O(2, 128), 21)\n"
             "print('ok')\n")
     from interpreted import check_interpreted
     check_interpreted(code)

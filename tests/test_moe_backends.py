@@ -351,6 +351,45 @@ def test_split_k_workspace(interp):
         G.moe_down(a, None, r, w2, b2, "bf16", o, 0, E, True, torch.float32, torch.zeros(T, H).bfloat16())
 
 
+@pytest.mark.parametrize("start,n_local", [(0, 8), (4, 4)])
+def test_inline_routing_matches_routed_gemms(interp, start, n_local):
+    # one token, no routing kernel: gate_up finds the token's top-k itself (ties to the lower index,
+    # as moe_routing), writes topk_ids / topk_weights, and row j of `a` is the token's j-th expert;
+    # an expert-parallel rank skips the other rank's experts. The rows and the down output match the
+    # GEMMs run on moe_routing's grouped rows.
+    G, R = interp.gemm, interp.routing
+    g = torch.Generator().manual_seed(31 + start)
+    E, k, H, I = 8, 4, 64, 64
+    w = slice_weights(random_weights(MoESpec(E, k, H, I), g), experts=slice(start, start + n_local))
+    x = torch.randn(1, H, generator=g).bfloat16()
+    lg = distinct_logits(1, E, g)
+    lg[0, 5] = lg[0, 2] = lg.max() + 1  # a tie for first place: expert 2 before 5
+    w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2", True)
+    w2 = G.prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, "bf16x2", True)
+    b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
+    o = G.GemmOptions(64, 64, swap_ab=True, split_k=2)
+    ref = R.moe_routing_torch(lg, k, start, n_local, R.RoutingOptions(block_m=16))
+    r = R.inline_routing(lg, k, start, n_local, R.RoutingOptions(block_m=16))
+    assert r.max_tiles == k and r.logits is lg
+    out = torch.full((1, H), float("nan"))
+    a, _ = G.moe_gate_up(x, r, w1, b1, "bf16", 1.702, 7.0, o, zero=out)
+    assert torch.equal(r.topk_ids, ref.topk_ids) and r.topk_ids[0, 0] == 2 and r.topk_ids[0, 1] == 5
+    torch.testing.assert_close(r.topk_weights, ref.topk_weights, atol=1e-6, rtol=1e-5)
+    a_ref, _ = G.moe_gate_up_torch(x, ref, w1, b1, "bf16", 1.702, 7.0, o)
+    local = [j for j in range(k) if ref.assign_pos[j] >= 0]
+    assert 0 < len(local) < k or n_local == E
+    em, er = errors(a[local], a_ref[ref.assign_pos[local].long()])
+    assert em < 4e-3 and er < 5e-4, (em, er)
+    y = G.moe_down(a, None, r, w2, b2, "bf16", o, start, n_local, True, torch.float32, out)
+    y_ref = G.moe_down_torch(a_ref, None, ref, w2, b2, "bf16", o, start, n_local, True, torch.float32)
+    em, er = errors(y, y_ref)
+    assert em < 4e-3 and er < 5e-4, (em, er)
+    with pytest.raises(ValueError, match="one token"):
+        R.inline_routing(torch.cat([lg, lg]), k, start, n_local)
+    with pytest.raises(ValueError, match="inline_routing"):
+        G.moe_gate_up_torch(x, r, w1, b1, "bf16", 1.702, 7.0, o)
+
+
 def test_split_k_workspace_grows_and_keeps_the_outgrown():
     """The backends' shared workspace grows when a step needs more (a short prompt's prefill after the
     decode graphs were captured) and keeps the outgrown one alive: graphs replay with its address."""

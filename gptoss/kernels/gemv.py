@@ -5,9 +5,14 @@ a strip of BLOCK_N output columns over all of K, products summed in fp32.
     t, h, y = rms_norm_linear_rows(x, residual, norm_weight, eps, w, bias)   # the norm fused in, one row
 
 Used at one row for the attention projections and the router, where cuBLAS's small-M kernels reach
-55-75% of the copy bandwidth: o [2880, 4096] 10.8 us against 14.4, qkv [5120, 2880] 13.3 on the
-persistent grid against 13.3 (H100, `benchmarks/bench_gemv.py`); ours also take part in programmatic
+55-75% of the copy bandwidth: o [2880, 4096] 9.3 us against 14.4, qkv [5120, 2880] 11.5 against 13.3
+(H100, `benchmarks/bench_gemv.py`: CUDA graphs with PDL); ours also take part in programmatic
 dependent launch (gptoss.kernels.pdl), cuBLAS's do not. At two rows cuBLAS won both.
+
+One row (ONE_ROW) keeps everything 2-D: each thread multiplies its 8 contiguous weights of a row by
+the matching 8 inputs and adds them into its own partial sum, so a K step needs no shuffles, shared
+memory or barriers (the 3-D form for two rows reduces across the CTA every step: 267 SASS
+instructions a K step against 191, and 9.3-11.5 us against 9.7-12.4 at the best tiles).
 `GemvOptions` picks the strip and K-step sizes; `linear_rows_torch` is the twin (fp32 sums of the same
 bf16 values, rounded once to x.dtype).
 """
@@ -25,11 +30,12 @@ from .pdl import pdl_enter
 from .sm_count import sm_count
 
 MAX_ROWS = 2
+ONE_ROW_PATH = True  # one row: the kernel's 2-D variant (a switch for scripts/ab_decode.py)
 
 
 @dataclass(frozen=True)
 class GemvOptions:
-    block_n: int = 4      # output columns per program (H100 sweep: 4 of 1-16)
+    block_n: int = 2      # output columns per program (H100, one row, PDL graphs: 2 of 2-16 for qkv and o)
     block_k: int = 1024   # K step: 4 x 1024 bf16 = 8 KB of independent 16-byte loads a step
     num_warps: int = 4
     num_stages: int = 2
@@ -51,7 +57,8 @@ def _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd):
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, K, eps,
                  stride_xm, stride_wn, stride_ym,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 NORM: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr):
+                 NORM: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr, ONE_ROW: tl.constexpr = False,
+                 VEC: tl.constexpr = 8):
     # strips of BLOCK_N output columns, pid, pid + P, ...; each K step's weight load is issued before
     # the previous step's math, and past a strip's last step it loads the next strip's first (the
     # load after the last strip fully masked). The weights do not depend on the kernel before: the
@@ -84,12 +91,19 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
     for s in range(tl.program_id(0), n_strips, P):
         n = s * BLOCK_N + cols
         n_mask = n < N
-        # (reduced each K step: an elementwise [BLOCK_M, BLOCK_N, BLOCK_K] accumulator reduced once a
-        # strip measured 0-25% slower on H100, for its registers)
+        # two rows: reduced each K step (an elementwise [BLOCK_M, BLOCK_N, BLOCK_K] accumulator reduced
+        # once a strip measured 0-25% slower on H100, for its registers); one row: each thread's VEC
+        # products of a row summed into its own partial [BLOCK_N, BLOCK_K / VEC], reduced once a strip
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc1 = tl.zeros((BLOCK_N, BLOCK_K // VEC), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + kk
-            if NORM:
+            if ONE_ROW:
+                if NORM:
+                    x1 = _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd)
+                else:
+                    x1 = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            elif NORM:
                 x = tl.broadcast_to(_row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd)[None, :], (BLOCK_M, BLOCK_K))
             else:
                 x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & (k < K)[None, :],
@@ -99,8 +113,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
             n_nx = tl.where(last, s + P, s) * BLOCK_N + cols
             w_next = tl.load(w_ptr + n_nx.to(tl.int64)[:, None] * stride_wn + k_nx[None, :],
                              mask=(n_nx < N)[:, None] & (k_nx < K)[None, :], other=0.0)
-            acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)  # [BLOCK_M, BLOCK_N]
+            if ONE_ROW:
+                acc1 += tl.sum(tl.reshape(w.to(tl.float32) * x1[None, :], (BLOCK_N, BLOCK_K // VEC, VEC)), axis=2)
+            else:
+                acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)  # [BLOCK_M, BLOCK_N]
             w = w_next
+        if ONE_ROW:
+            acc = tl.sum(acc1, axis=1)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -118,8 +137,8 @@ def _launch(x, w, bias, y, opts: GemvOptions, norm=None) -> None:
     _gemv_kernel[(grid,)](
         x, w, bias if bias is not None else w, y, r, nw, t, h, M, N, K, float(eps), x.stride(0), w.stride(0),
         y.stride(0), BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
-        HAS_BIAS=bias is not None, NORM=norm is not None, KP=triton.next_power_of_2(K),
-        num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
+        HAS_BIAS=bias is not None, NORM=norm is not None, KP=triton.next_power_of_2(K), ONE_ROW=ONE_ROW_PATH and M == 1,
+        VEC=min(8, opts.block_k), num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
 
 
 def linear_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,

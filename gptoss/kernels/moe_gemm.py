@@ -43,7 +43,7 @@ import triton.language as tl
 from ..quant.mxfp4 import dequantize_mxfp4
 from ..quant.mxfp8 import dequantize_mxfp8, quantize_mxfp8
 from . import pdl
-from .moe_routing import Routing
+from .moe_routing import Routing, _store_topk, _topk_softmax
 from .pdl import pdl_enter
 # the weight layouts live in moe_weights; re-exported here, where callers have always found them
 from .moe_weights import (_BF16X2_BITS, ENCODINGS, FP8_MAX_SHIFT, MXFP4Weight, _fp8_weight_torch,  # noqa: F401
@@ -536,12 +536,35 @@ def _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M: tl.co
 
 
 @triton.jit
+def _inline_rows(e, pid_m, expert_start, E_LOCAL, BLOCK_M: tl.constexpr):
+    """inline_routing: M tile j = pid_m is the token's j-th expert e (global id; -1 if not local) with
+    the one row j."""
+    e = e - expert_start
+    e = tl.where((e >= 0) & (e < E_LOCAL), e, -1)
+    return e, pid_m + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_M) == 0
+
+
+@triton.jit
+def _inline_topk(logits_ptr, ids_ptr, w_ptr, E, pid_m, store, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
+                 K_PAD: tl.constexpr):
+    """The one token's j-th expert (j = pid_m), by the routing kernel's own top-k and softmax; store:
+    also write the token's topk_ids / topk_weights."""
+    ids, w = _topk_softmax(logits_ptr, 0, 1, E, 0, 2, E_PAD, TOP_K, K_PAD)  # [2, K_PAD], row 1 padding
+    if store:
+        _store_topk(ids, w, ids_ptr, w_ptr, 1, 0, 2, TOP_K, K_PAD)
+    sel = (tl.arange(0, 2)[:, None] == 0) & (tl.arange(0, K_PAD)[None, :] == pid_m)
+    return tl.sum(tl.sum(tl.where(sel, ids, 0), axis=1), axis=0)
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr, count_ptr, zero_ptr, n_zero, zero_chunk,
                     w_ptr, ws_ptr, wsh_ptr, wrs_ptr, b_ptr,
                     sorted_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                    logits_ptr, ids_ptr, topk_w_ptr, E, expert_start, E_LOCAL,
                     K, N, n_tiles_n, k_per_split,
                     stride_we, stride_wn, stride_wkb, stride_se, stride_sn, stride_skb,
                     alpha, limit,
+                    INLINE: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
                     DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -556,7 +579,12 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr, coun
         for z in range(z0, z0 + zero_chunk, 1024):
             offs = z + tl.arange(0, 1024)
             tl.store(zero_ptr + offs, tl.zeros((1024,), tl.float32), mask=(offs < n_zero) & (offs < z0 + zero_chunk))
-    e, rows, m_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M)
+    if INLINE:  # one token, no routing kernel before: each program finds its expert; one stores them all
+        first = (pid_m == 0) & (pid_n == 0) & (pid_k == 0)
+        e = _inline_topk(logits_ptr, ids_ptr, topk_w_ptr, E, pid_m, first, TOP_K, E_PAD, K_PAD)
+        e, rows, m_mask = _inline_rows(e, pid_m, expert_start, E_LOCAL, BLOCK_M)
+    else:
+        e, rows, m_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M)
     if e < 0:
         return
     tok = tl.load(sorted_ptr + rows, mask=m_mask, other=0) // TOP_K
@@ -602,9 +630,10 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr, coun
 @triton.jit
 def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
                  w_ptr, ws_ptr, wsh_ptr, wrs_ptr, b_ptr, topk_w_ptr,
-                 sorted_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr,
+                 sorted_ptr, offsets_ptr, tile_expert_ptr, tile_row_ptr, ids_ptr, expert_start, E_LOCAL,
                  K, N, k_per_split,
                  stride_we, stride_wn, stride_wkb, stride_se, stride_sn, stride_skb,
+                 INLINE: tl.constexpr,
                  TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
                  DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -614,7 +643,10 @@ def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    e, rows, m_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M)
+    if INLINE:  # the expert moe_gate_up found for tile j
+        e, rows, m_mask = _inline_rows(tl.load(ids_ptr + pid_m), pid_m, expert_start, E_LOCAL, BLOCK_M)
+    else:
+        e, rows, m_mask = _tile_rows(tile_expert_ptr, tile_row_ptr, offsets_ptr, pid_m, BLOCK_M)
     if e < 0:
         return
     assign = tl.load(sorted_ptr + rows, mask=m_mask, other=0)
@@ -746,7 +778,8 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
                 alpha: float, limit: float, opts: GemmOptions, x_amax: torch.Tensor | None = None,
                 workspace: torch.Tensor | None = None, zero: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x [T, H] -> (a [T*k, I] in x.dtype, rows in routing's grouped order; for "fp8" also per-tile
+    """x [T, H] -> (a [T*k, I] in x.dtype, rows in routing's grouped order (inline_routing: row j the
+    token's j-th expert, and topk_ids / topk_weights filled in); for "fp8" also per-tile
     maxima of |a| [T*k, n_tiles] float32, else None). bias [E, 2I] float32; x_amax [T] for "fp8".
     workspace: float32 of at least gate_up_workspace_size elements, zero on entry and left zero (None:
     allocated here), so that a caller can keep one instead of zeroing memory every call. zero: a
@@ -778,6 +811,7 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         h = workspace[:R * N]
         count = workspace[R * N:need].view(torch.int32)
     amax_or_a = a_amax if a_amax is not None else a
+    lg = routing.logits  # inline_routing: this kernel routes the token itself
     grid = (routing.max_tiles, n_tiles_n, split)
     if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()):
         raise ValueError(f"moe_gate_up: zero must be a contiguous float32 tensor, got {zero.dtype}")
@@ -789,7 +823,11 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         w.data, w.scales, w.fp8_shift if act == "fp8" else dummy,
         w.fp8_row_scale if act == "fp8" else bias, bias,
         routing.sorted_assign, routing.expert_offsets, routing.tile_expert, routing.tile_row,
+        lg if lg is not None else routing.topk_weights, routing.topk_ids, routing.topk_weights,
+        lg.shape[1] if lg is not None else 1, routing.expert_start, routing.num_local_experts,
         K, N, n_tiles_n, k_per_split, *strides, float(alpha), float(limit),
+        INLINE=lg is not None, E_PAD=triton.next_power_of_2(lg.shape[1] if lg is not None else 1),
+        K_PAD=triton.next_power_of_2(routing.top_k),
         TOP_K=routing.top_k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
         ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
         MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.upcast_mode,
@@ -836,7 +874,9 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
             w.data, w.scales, w.fp8_shift if act == "fp8" else w.scales,
             w.fp8_row_scale if act == "fp8" else a, bias if bias is not None else a, routing.topk_weights,
             routing.sorted_assign, routing.expert_offsets, routing.tile_expert, routing.tile_row,
+            routing.topk_ids, routing.expert_start, routing.num_local_experts,
             K, N, k_per_split, *strides,
+            INLINE=routing.logits is not None,
             TOP_K=k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
             ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
         MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.upcast_mode,
@@ -868,6 +908,8 @@ def moe_combine(y: torch.Tensor, routing: Routing, expert_start: int, num_local_
 
 def _grouped_rows(routing: Routing):
     """(rows per local expert as (expert, first row, end row)) from the offsets (host sync)."""
+    if routing.logits is not None:
+        raise ValueError("the torch twins take moe_routing's grouped rows, not inline_routing")
     off = routing.expert_offsets.tolist()
     return [(e, off[e], off[e + 1]) for e in range(len(off) - 1) if off[e + 1] > off[e]]
 

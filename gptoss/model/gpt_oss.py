@@ -28,9 +28,9 @@ GEMV_QKV = True
 NORM_ROUTER = True  # one-row steps: the MLP's norm inside the router GEMV (one kernel less a layer)
 # the router's [32, 2880] weight: one output column per program (H100: 2.7 us, cuBLAS 6.0 in two kernels)
 ROUTER_GEMV = GemvOptions(block_n=1, block_k=2048)
-# qkv [5120, 2880]: a persistent grid, 6 programs an SM (H100: 13.3 us, one program a strip 15.0,
-# cuBLAS 13.3; ours takes part in PDL, cuBLAS does not)
-QKV_GEMV = GemvOptions(programs_per_sm=6)
+# qkv [5120, 2880]: two columns a program (H100, one-row kernel, PDL graphs: 11.5 us; four columns on
+# a persistent grid 13.3, cuBLAS 13.3; ours takes part in PDL, cuBLAS does not)
+QKV_GEMV = GemvOptions()
 
 
 def _gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -108,7 +108,7 @@ class AttentionBlock(nn.Module):
             bias = self.out_bias if self.par.tp_rank == 0 else None
             o = o.flatten(1)
             if GEMV_O_PROJ and _gemv_ok(o, self.out_weight):
-                o = linear_rows(o, self.out_weight, bias)  # batch-1 decode: 11.7 us vs cuBLAS 14.2 (20b, H100)
+                o = linear_rows(o, self.out_weight, bias)  # batch-1 decode: 9.3 us vs cuBLAS 14.2 (20b, H100)
             else:
                 o = F.linear(o, self.out_weight, bias)
         return x, self.par.all_reduce(o)

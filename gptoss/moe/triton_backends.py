@@ -21,9 +21,13 @@ from torch.profiler import record_function
 
 from ..kernels.moe_gemm import INTERPRETED, GemmOptions, gate_up_workspace_size, moe_down, moe_gate_up, row_absmax
 from ..kernels.moe_weights import prepare_mxfp4_weight
-from ..kernels.moe_routing import RoutingOptions, moe_routing
+from ..kernels.moe_routing import RoutingOptions, inline_routing, moe_routing
 from .base import MoEBackend, MoESpec, MoEWeights
 from .registry import register_moe_backend
+
+# one token (batch-1 decode): no routing kernel, moe_gate_up routes the token itself (H100, 20b:
+# the routing kernel cost 3.1 us a layer in the decode step)
+INLINE_ROUTING = True
 
 
 @dataclass(frozen=True)
@@ -77,12 +81,14 @@ def fragments_config(num_tokens: int, spec: MoESpec) -> MoEKernelConfig:
     rows = num_tokens * spec.top_k / spec.local_experts
     if rows <= 16:  # decode: split-K below one row per expert (both GEMMs) and below four (down)
         split_up, split_down = (4, 4) if rows < 1 else (1, 2) if rows < 4 else (1, 1)
-        # below one row per expert, down capped at 80 registers fits 6 programs an SM instead of 5
-        # (H100, 4 layers a call: 13.4 vs 14.4 us at 1 token, 30.3 vs 31.9 at 4)
+        if rows < 1:  # one token: down on 128-row tiles (H100, 4 layers a call: 10.8 vs 11.6 us with
+            # 64-row tiles capped at 80 registers, which fit 6 programs an SM instead of 5; in the
+            # whole decode step 1.3 us a layer less)
+            down = GemmOptions(128, 128, 4, 3, swap_ab=True, split_k=split_down)
+        else:
+            down = GemmOptions(64, 128, 4, 3, swap_ab=True, split_k=split_down)
         return MoEKernelConfig(block_m=16, gate_up=GemmOptions(64, 128, 4, 3, swap_ab=True, split_k=split_up),
-                               down=GemmOptions(64, 128, 4, 3, swap_ab=True, split_k=split_down,
-                                                maxnreg=80 if rows < 1 else 0),
-                               fused_combine=True)
+                               down=down, fused_combine=True)
     if rows <= 96:  # batch 128-768 decode
         return MoEKernelConfig(block_m=64, gate_up=GemmOptions(128, 64, 4, 4, swap_ab=True),
                                down=GemmOptions(128, 64, 4, 4, swap_ab=True))
@@ -189,8 +195,9 @@ class _TritonMoE(MoEBackend):
         if x.stride(-1) != 1:
             x = x.contiguous()
         with record_function("moe.route"):
-            routing = moe_routing(router_logits, spec.top_k, spec.expert_start, spec.local_experts,
-                                  RoutingOptions(block_m=cfg.block_m))
+            route = inline_routing if INLINE_ROUTING and x.shape[0] == 1 else moe_routing
+            routing = route(router_logits, spec.top_k, spec.expert_start, spec.local_experts,
+                            RoutingOptions(block_m=cfg.block_m))
         # no memset between the kernels: gate_up's split-K workspace is kept zero by the kernel itself,
         # and gate_up zeroes the fused combine's output on its way
         workspace = self._workspace(gate_up_workspace_size(routing, self.w1, cfg.gate_up), x.device)
