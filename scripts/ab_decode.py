@@ -5,6 +5,7 @@ config, alternated in one process on one GPU so clocks and the machine are the s
     python scripts/ab_decode.py --upcasts asm fragments    # the "triton" weight layouts instead
     python scripts/ab_decode.py --o-gemv --batch 1         # batch-1 output projection: gemv vs cuBLAS
     python scripts/ab_decode.py --switch GEMV_ROUTER       # any on/off switch of gptoss.model.gpt_oss
+    python scripts/ab_decode.py --set "ROUTER_GEMV=GemvOptions(2, 2048)"   # module values, each against the default
 """
 
 import argparse
@@ -63,7 +64,11 @@ def main():
     ap.add_argument("--switch", nargs="+", help="module switches of gptoss.model.gpt_oss to compare on / off "
                     "(e.g. GEMV_O_PROJ GEMV_ROUTER; others as a dotted path under gptoss, e.g. "
                     "engine.cuda_graphs.PDL), each alone against all on")
+    ap.add_argument("--set", nargs="+", help="NAME=EXPR assignments (NAME as for --switch, EXPR evaluated in "
+                    "that module), each alone against the module's own value")
     a = ap.parse_args()
+    if a.set:
+        return compare_settings(a, a.set)
     if a.upcasts:
         return compare_upcasts(a)
     if a.o_gemv or a.switch:
@@ -119,6 +124,27 @@ def compare_switches(a, names):
     for n in names:
         setattr(*_switch(n), True)
     _table("variant", res)
+
+
+def compare_settings(a, assignments):
+    llm = _llm(a)
+    eng = llm.engine
+    parsed = []
+    for item in assignments:
+        name, _, expr = item.partition("=")
+        mod, attr = _switch(name.strip())
+        parsed.append((item, mod, attr, getattr(mod, attr), eval(expr, vars(mod))))  # noqa: S307 (a dev tool)
+    res = {}
+    for _ in range(a.rounds):
+        for label, mod, attr, default, value in [("default", None, None, None, None), *parsed]:
+            if mod is not None:
+                setattr(mod, attr, value)
+            eng.runner.capture_cuda_graphs(max(a.batch), eng.max_model_len, eng.kv_layout.window is not None)
+            for b in a.batch:
+                res.setdefault((label, b), []).append(decode_ms(llm, b))
+            if mod is not None:
+                setattr(mod, attr, default)
+    _table("setting", res)
 
 
 def compare_upcasts(a):
