@@ -168,13 +168,6 @@ _FRAG = {"dec": ([16], [_G(64, 128, 4, 3, True), _G(64, 128, 4, 4, True), _G(128
                              _G(128, 64, 4, 4, True), _G(256, 128, 8, 2, True)],
                  [_G(128, 64, 8, 3, True), _G(128, 64, 4, 4, True), _G(128, 128, 8, 3, True),
                   _G(256, 64, 8, 3, True)])}
-# decode without the MMA (gemv=True: upcast weights times the rows in fp32 FMAs), 1-2 rows per program;
-# swept beside "dec" (H100, one token: gate_up 36.1 us and down 21.9 at best, against 21.8 and 10.7
-# for the fragments MMA tiles)
-_GEMV = ([1, 2],
-         [_G(32, 128, 4, 3, gemv=True), _G(64, 128, 4, 2, gemv=True), _G(32, 128, 4, 3, split_k=4, gemv=True)],
-         [_G(32, 128, 4, 3, split_k=2, gemv=True), _G(64, 128, 4, 2, split_k=2, gemv=True),
-          _G(16, 256, 4, 2, split_k=4, gemv=True)])
 # the checkpoint-code path (tl.dot_scaled), its best tiles of earlier sweeps
 _DOT_SCALED = {"dec": ([16], [_G(128, 128, 4, 4, True)], [_G(128, 128, 4, 4, True, 2)]),
                "mid": ([64], [_G(128, 64, 4, 4)], [_G(128, 64, 4, 4)]),
@@ -209,8 +202,6 @@ def sweep(args, spec, copy_tbs, gpu) -> dict:
             fl_up, fl_dn = 2 * T * k * 2 * I * H, 2 * T * k * I * H
             reg = _regime(T * k / E)
             cands = [{"asm": _ASM, "dot_scaled": _DOT_SCALED, "fragments": _FRAG}[upcast][reg]]
-            if upcast == "asm" and reg == "dec":
-                cands.append(_GEMV)
             for bm, ups, dns in [(bm, ups, dns) for bms, ups, dns in cands for bm in bms]:
                 r = moe_routing(lg, k, 0, E, RoutingOptions(block_m=bm))
                 up_best = dn_best = None
@@ -261,8 +252,7 @@ def _line(gpu, T, upcast, gemm, bm, o, us, nbytes, flops):
     if us is None:
         return
     opt = f"n{o.block_n} k{o.block_k} w{o.num_warps} s{o.num_stages}" + (" swap" if o.swap_ab else "") + \
-        (f" split{o.split_k}" if o.split_k > 1 else "") + (f" pf{o.prefetch}" if o.prefetch else "") + \
-        (" gemv" if o.gemv else "")
+        (f" split{o.split_k}" if o.split_k > 1 else "") + (f" pf{o.prefetch}" if o.prefetch else "")
     print(f"| {gpu} | {T} | {upcast} | {gemm} | {bm} | {opt} | {us:.1f} | {nbytes / us / 1e6:.2f} | "
           f"{flops / us / 1e6:.1f} |", flush=True)
 

@@ -83,7 +83,7 @@ def main():
     ap.add_argument("--upcast-mode", type=int, default=2, help="1: two multiplies a pair, 2: one")
     a = ap.parse_args()
     common = dict(TOP_K=4, BLOCK_M=16, BLOCK_N=a.block_n, BLOCK_K=a.block_k, ACT=0, SWAP=True, EVEN_K=False,
-                  MASK_W=False, DEQ_ASM=a.upcast_mode, PREFETCH=0, INTERPRET=False, GEMV=False, FRAG=True, PDL=True,
+                  MASK_W=False, DEQ_ASM=a.upcast_mode, PREFETCH=0, INTERPRET=False, FRAG=True, PDL=True,
                   INLINE=False)
     kernels = {"gate_up": (G._gate_up_kernel, dict(common, SPLIT_K=a.split, ZERO=True, E_PAD=32, K_PAD=4)),
                "down": (G._down_kernel, dict(common, HAS_BIAS=True, FUSED_COMBINE=True, NA_PAD=2))}

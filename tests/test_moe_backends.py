@@ -409,40 +409,15 @@ def test_split_k_workspace_grows_and_keeps_the_outgrown():
             _TritonMoE._workspaces[dev] = saved
 
 
-def check_gemv(G, R, g, device, T, block_m, up, down, fused, E=4, k=2, H=160, I=96):
-    """Both GEMMs on the no-MMA path against their twins; returns (x, routing, w1, b1, weights)."""
-    w = random_weights(MoESpec(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I), g, device)
-    x = torch.randn(T, H, generator=g, device=device).bfloat16()
-    lg = distinct_logits(T, E, g, device)
-    ro = R.RoutingOptions(block_m=block_m)
-    r = R.moe_routing(lg, k, 0, E, ro)
-    check_routing(r, R.moe_routing_torch(lg, k, 0, E, ro))
-    w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2")
-    w2 = G.prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, "bf16x2")
-    b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
-    a, _ = G.moe_gate_up(x, r, w1, b1, "bf16", 1.702, 7.0, up)
-    a_t, _ = G.moe_gate_up_torch(x, r, w1, b1, "bf16", 1.702, 7.0, up)
-    em, er = errors(a[:T * k], a_t[:T * k])
-    assert em < 5e-3 and er < 5e-4, ("gate_up", em, er)  # a few bf16 roundings may differ by one ulp
-    y = G.moe_down(a, None, r, w2, b2, "bf16", down, 0, E, fused, torch.bfloat16)
-    y_t = G.moe_down_torch(a, None, r, w2, b2, "bf16", down, 0, E, fused, torch.bfloat16)
-    em, er = errors(y, y_t)
-    assert em < 5e-3 and er < 5e-4, ("down", em, er)
-    return x, r, w1, b1, w
-
-
-@pytest.mark.parametrize("block_m,split,fused", [(1, 1, True), (2, 2, True), (4, 1, False)])
-def test_gemv_matches_twins(interp, block_m, split, fused):
-    # the no-MMA decode path: any power-of-two rows per program, K split or not, both combines
+def test_mma_needs_16_rows(interp):
     G, R = interp.gemm, interp.routing
-    up = G.GemmOptions(block_n=32, block_k=64, split_k=split, gemv=True)
-    down = G.GemmOptions(block_n=32, block_k=64, split_k=split if fused else 1, gemv=True)
-    x, r, w1, b1, w = check_gemv(G, R, torch.Generator().manual_seed(11 + block_m), "cpu", 3, block_m, up, down,
-                                 fused)
-    with pytest.raises(ValueError, match="gemv needs"):
-        G.moe_gate_up(x, r, G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales), b1, "bf16", 1.702, 7.0, up)
-    with pytest.raises(ValueError, match="the MMA path needs >= 16"):
-        G.moe_gate_up(x, r, w1, b1, "bf16", 1.702, 7.0, G.GemmOptions(block_n=32, block_k=64))
+    g = torch.Generator().manual_seed(12)
+    w = random_weights(MoESpec(num_experts=4, top_k=2, hidden_size=64, intermediate_size=64), g)
+    r = R.moe_routing(distinct_logits(3, 4, g), 2, 0, 4, R.RoutingOptions(block_m=8))
+    w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2")
+    with pytest.raises(ValueError, match="block_m=8; the MMA path needs >= 16"):
+        G.moe_gate_up(torch.randn(3, 64).bfloat16(), r, w1, w.gate_up_bias.float(), "bf16", 1.702, 7.0,
+                      G.GemmOptions(block_n=32, block_k=64))
 
 
 def test_combine_matches_twin(interp):
@@ -621,16 +596,6 @@ def test_gemms_match_twins_gpu(act, enc):
         # y is rounded to bf16 once, after fp32 sums in another order (split-K atomics): a value may
         # round the other way, one bf16 ulp, up to 2^-7 of max|y| (seen on H100: 5.5e-3, RMS 7e-6)
         assert em < max(tm, 2 ** -7 + 1e-4) and er < tr, (act, swap, prefetch, split, em, er)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("T,block_m,split", [(1, 1, 1), (1, 1, 4), (8, 2, 2)])
-def test_gemv_matches_twins_gpu(T, block_m, split):
-    from gptoss.kernels import moe_gemm as G
-    from gptoss.kernels import moe_routing as R
-    o = G.GemmOptions(block_n=32, block_k=128, split_k=split, gemv=True)
-    check_gemv(G, R, torch.Generator(device="cuda").manual_seed(5 + T), "cuda", T, block_m, o, o, True,
-               E=32, k=4, H=2880, I=2880)
 
 
 @pytest.mark.gpu

@@ -63,8 +63,6 @@ class GemmOptions:
     split_k: int = 1        # K split over programs, partial sums meeting in fp32 atomics (moe_down: with
                             # fused_combine; moe_gate_up: the last split of a tile applies bias + SwiGLU)
     prefetch: int = 0       # 0, 1, 2: K steps loaded ahead in registers (besides num_stages)
-    gemv: bool = False      # no MMA: "bf16x2" weights upcast in registers, products summed in fp32
-                            # FMAs; for decode's 1-4 rows per expert (routing block_m = rows per program)
     maxnreg: int = 0        # registers per thread ptxas may use (0: its choice); fewer fit more programs an SM
 
     def launch_options(self) -> dict:
@@ -249,7 +247,7 @@ def _scales_bf16(ws, MODE: tl.constexpr):
 @triton.jit
 def _dequant_bf16x2(w, ws, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.constexpr, MODE: tl.constexpr):
     """A "bf16x2"-encoded tile w [BN, BK/2] with its e8m0 scales ws [BN, BK/32] -> bf16 [BN, BK]: the
-    MMA path and the GEMV path take their weights from here."""
+    row-layout MMA path takes its weights from here."""
     sc = _scales_bf16(ws, MODE)
     sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, BK // 32, 16)), (BN, BK // 2))
     return _upcast_bf16x2(w, sc, BN, BK, INTERPRET, MODE)
@@ -411,21 +409,11 @@ def _mainloop(a_ptr, a_row_off, m_mask, a_scale, w_ptr, ws_ptr, wsh_ptr, n, n_ma
               stride_wn, stride_wkb, stride_sn, stride_skb,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACT: tl.constexpr,
               SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr, DEQ_ASM: tl.constexpr,
-              PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, GEMV: tl.constexpr, FRAG: tl.constexpr):
+              PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, FRAG: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] fp32 = A[rows, k_lo:k_hi] @ W[n, k_lo:k_hi]^T (fp8: without the scales).
 
     PREFETCH 1 / 2: the loads of the next one / two K steps are issued before this step's math, in
-    registers (decode: few programs per SM, each waiting on DRAM otherwise). GEMV: products summed
-    elementwise in a [BLOCK_M, BLOCK_N, BLOCK_K] fp32 accumulator, reduced over K once at the end."""
-    if GEMV:
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            a, w, ws, sh = _load_k(a_ptr, a_row_off, m_mask, w_ptr, ws_ptr, wsh_ptr, n, n_mask, K, k0, k_hi,
-                                   stride_wn, stride_wkb, stride_sn, stride_skb, BLOCK_K, ACT, True,
-                                   EVEN_K, MASK_W, FRAG)
-            wt = _dequant_bf16x2(w, ws, BLOCK_N, BLOCK_K, INTERPRET, DEQ_ASM).to(tl.float32)
-            acc3 += wt[None, :, :] * a.to(tl.bfloat16).to(tl.float32)[:, None, :]
-        return tl.sum(acc3, axis=2)
+    registers (decode: few programs per SM, each waiting on DRAM otherwise)."""
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
@@ -568,7 +556,7 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr, coun
                     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
                     DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr,
-                    INTERPRET: tl.constexpr, GEMV: tl.constexpr, FRAG: tl.constexpr, PDL: tl.constexpr,
+                    INTERPRET: tl.constexpr, FRAG: tl.constexpr, PDL: tl.constexpr,
                     ZERO: tl.constexpr):
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
@@ -600,7 +588,7 @@ def _gate_up_kernel(x_ptr, stride_xt, a_ptr, a_amax_ptr, x_amax_ptr, h_ptr, coun
                     w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
                     n_w, n_w_mask, K, k_lo, tl.minimum(k_lo + k_per_split, K), stride_wn, stride_wkb, stride_sn,
                     stride_skb, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, DEQ_ASM, PREFETCH, INTERPRET,
-                    GEMV, FRAG)
+                    FRAG)
     if ACT == 1:
         acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
     if SPLIT_K > 1:
@@ -637,7 +625,7 @@ def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
                  TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ACT: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr, MASK_W: tl.constexpr,
                  DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 FUSED_COMBINE: tl.constexpr, NA_PAD: tl.constexpr, INTERPRET: tl.constexpr, GEMV: tl.constexpr,
+                 FUSED_COMBINE: tl.constexpr, NA_PAD: tl.constexpr, INTERPRET: tl.constexpr,
                  FRAG: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     pid_m = tl.program_id(0)
@@ -662,7 +650,7 @@ def _down_kernel(a_ptr, a_amax_ptr, n_amax, out_ptr,
                     w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, wsh_ptr + e64 * stride_se,
                     n_w, n_w_mask, K, k_lo, tl.minimum(k_lo + k_per_split, K), stride_wn, stride_wkb,
                     stride_sn, stride_skb, BLOCK_M, BLOCK_N, BLOCK_K, ACT, SWAP, EVEN_K, MASK_W, DEQ_ASM,
-                    PREFETCH, INTERPRET, GEMV, FRAG)
+                    PREFETCH, INTERPRET, FRAG)
     if ACT == 1:
         acc = acc * a_scale[:, None] * tl.load(wrs_ptr + e64 * N + n, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
@@ -726,8 +714,8 @@ def _check_gemm(x: torch.Tensor, w: MXFP4Weight, opts: GemmOptions, act: str, wh
     if w.encoding == "bf16x2" and act != "bf16":
         raise ValueError(f"{who}: a 'bf16x2'-encoded weight serves act='bf16' only, got {act!r}")
     if w.fragments:
-        if not opts.swap_ab or opts.gemv or bk % 64:  # (block_n >= 16 is checked above for every weight)
-            raise ValueError(f"{who}: a 'fragments' weight needs swap_ab=True, gemv=False and block_k a "
+        if not opts.swap_ab or bk % 64:  # (block_n >= 16 is checked above for every weight)
+            raise ValueError(f"{who}: a 'fragments' weight needs swap_ab=True and block_k a "
                              f"multiple of 64 (got {opts})")
     elif w.encoding == "bf16x2" and opts.swap_ab:
         # measured wrong on H100 / Triton 3.6: with the weights as the MMA's A operand, Triton moves
@@ -736,14 +724,12 @@ def _check_gemm(x: torch.Tensor, w: MXFP4Weight, opts: GemmOptions, act: str, wh
         raise ValueError(f"{who}: swap_ab with 'bf16x2'-encoded weights needs the fragments layout")
     if opts.prefetch not in (0, 1, 2):
         raise ValueError(f"{who}: prefetch={opts.prefetch} must be 0, 1 or 2")
-    if opts.gemv and (w.encoding != "bf16x2" or act != "bf16" or opts.swap_ab or opts.prefetch):
-        raise ValueError(f"{who}: gemv needs 'bf16x2'-encoded weights, act='bf16', no swap_ab and no prefetch")
 
 
 def _check_rows(routing: Routing, opts: GemmOptions, who: str) -> None:
-    # tl.dot takes at least 16 rows; the GEMV path takes any power of two
-    if not opts.gemv and routing.block_m < 16:
-        raise ValueError(f"{who}: routing block_m={routing.block_m}; the MMA path needs >= 16 (or gemv=True)")
+    # tl.dot takes at least 16 rows
+    if routing.block_m < 16:
+        raise ValueError(f"{who}: routing block_m={routing.block_m}; the MMA path needs >= 16")
 
 
 def row_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -831,7 +817,7 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         TOP_K=routing.top_k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
         ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
         MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.upcast_mode,
-        PREFETCH=opts.prefetch, SPLIT_K=split, GEMV=opts.gemv, FRAG=w.fragments, ZERO=n_zero > 0,
+        PREFETCH=opts.prefetch, SPLIT_K=split, FRAG=w.fragments, ZERO=n_zero > 0,
         INTERPRET=INTERPRETED, **opts.launch_options(), **pdl.args())
     return a, a_amax
 
@@ -882,7 +868,7 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
         MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.upcast_mode,
         PREFETCH=opts.prefetch,
             HAS_BIAS=bias is not None, FUSED_COMBINE=fused_combine,
-            NA_PAD=max(2, triton.next_power_of_2(n_amax)), INTERPRET=INTERPRETED, GEMV=opts.gemv, FRAG=w.fragments,
+            NA_PAD=max(2, triton.next_power_of_2(n_amax)), INTERPRET=INTERPRETED, FRAG=w.fragments,
             **opts.launch_options(), **pdl.args())
     if fused_combine:
         return out.to(out_dtype)
