@@ -29,7 +29,7 @@ def variants(spec):
             return dataclasses.replace(c, gate_up=dataclasses.replace(c.gate_up, split_k=up or c.gate_up.split_k),
                                        down=dataclasses.replace(c.down, split_k=down or c.down.split_k))
         return cfg
-    def down64(n):  # below one row per expert: the 64-row down tiles capped at 80 registers of 56dea0f
+    def down64(n):  # below one row per expert: the earlier down tiles, 64 rows capped at 80 registers
         c = fragments_config(n, spec)
         if n * spec.top_k / spec.local_experts >= 1:
             return c

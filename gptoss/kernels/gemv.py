@@ -36,7 +36,7 @@ ONE_ROW_PATH = True  # one row: the kernel's 2-D variant (a switch for scripts/a
 @dataclass(frozen=True)
 class GemvOptions:
     block_n: int = 2      # output columns per program (H100, one row, PDL graphs: 2 of 2-16 for qkv and o)
-    block_k: int = 1024   # K step: 4 x 1024 bf16 = 8 KB of independent 16-byte loads a step
+    block_k: int = 1024   # K step: 2 x 1024 bf16 = 4 KB of independent 16-byte loads a step
     num_warps: int = 4
     num_stages: int = 2
     programs_per_sm: int = 0  # > 0: a persistent grid of this many programs an SM, each streaming
