@@ -726,7 +726,7 @@ def _check_gemm(x: torch.Tensor, w: MXFP4Weight, opts: GemmOptions, act: str, wh
         raise ValueError(f"{who}: prefetch={opts.prefetch} must be 0, 1 or 2")
 
 
-def _check_rows(routing: Routing, opts: GemmOptions, who: str) -> None:
+def _check_rows(routing: Routing, who: str) -> None:
     # tl.dot takes at least 16 rows
     if routing.block_m < 16:
         raise ValueError(f"{who}: routing block_m={routing.block_m}; the MMA path needs >= 16")
@@ -771,7 +771,7 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
     allocated here), so that a caller can keep one instead of zeroing memory every call. zero: a
     contiguous float32 tensor the kernel zeroes on the way (moe_down's fused-combine output)."""
     _check_gemm(x, w, opts, act, "moe_gate_up")
-    _check_rows(routing, opts, "moe_gate_up")
+    _check_rows(routing, "moe_gate_up")
     if opts.block_n < 32 or opts.split_k < 1:
         raise ValueError(f"moe_gate_up: block_n={opts.block_n} must be >= 32 (gate/up pairs) and "
                          f"split_k={opts.split_k} >= 1")
@@ -798,6 +798,7 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         count = workspace[R * N:need].view(torch.int32)
     amax_or_a = a_amax if a_amax is not None else a
     lg = routing.logits  # inline_routing: this kernel routes the token itself
+    n_experts = lg.shape[1] if lg is not None else 1
     grid = (routing.max_tiles, n_tiles_n, split)
     if zero is not None and (zero.dtype != torch.float32 or not zero.is_contiguous()):
         raise ValueError(f"moe_gate_up: zero must be a contiguous float32 tensor, got {zero.dtype}")
@@ -810,9 +811,9 @@ def moe_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.T
         w.fp8_row_scale if act == "fp8" else bias, bias,
         routing.sorted_assign, routing.expert_offsets, routing.tile_expert, routing.tile_row,
         lg if lg is not None else routing.topk_weights, routing.topk_ids, routing.topk_weights,
-        lg.shape[1] if lg is not None else 1, routing.expert_start, routing.num_local_experts,
+        n_experts, routing.expert_start, routing.num_local_experts,
         K, N, n_tiles_n, k_per_split, *strides, float(alpha), float(limit),
-        INLINE=lg is not None, E_PAD=triton.next_power_of_2(lg.shape[1] if lg is not None else 1),
+        INLINE=lg is not None, E_PAD=triton.next_power_of_2(n_experts),
         K_PAD=triton.next_power_of_2(routing.top_k),
         TOP_K=routing.top_k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
         ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
@@ -833,7 +834,7 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
     fused_combine): a zeroed float32 [T, H] to add into (None: allocated here); out_dtype float32
     then returns it as it is, without a cast."""
     _check_gemm(a, w, opts, act, "moe_down")
-    _check_rows(routing, opts, "moe_down")
+    _check_rows(routing, "moe_down")
     if opts.split_k > 1 and not fused_combine:
         raise ValueError("moe_down: split_k > 1 needs fused_combine")
     if act == "fp8" and a_amax is None:
@@ -865,8 +866,7 @@ def moe_down(a: torch.Tensor, a_amax: torch.Tensor | None, routing: Routing, w: 
             INLINE=routing.logits is not None,
             TOP_K=k, BLOCK_M=routing.block_m, BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
             ACT=ACTS[act], SWAP=opts.swap_ab, EVEN_K=K % opts.block_k == 0,
-        MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.upcast_mode,
-        PREFETCH=opts.prefetch,
+            MASK_W=not w.block_k and K % opts.block_k != 0, DEQ_ASM=w.upcast_mode, PREFETCH=opts.prefetch,
             HAS_BIAS=bias is not None, FUSED_COMBINE=fused_combine,
             NA_PAD=max(2, triton.next_power_of_2(n_amax)), INTERPRET=INTERPRETED, FRAG=w.fragments,
             **opts.launch_options(), **pdl.args())

@@ -81,12 +81,9 @@ def fragments_config(num_tokens: int, spec: MoESpec) -> MoEKernelConfig:
     rows = num_tokens * spec.top_k / spec.local_experts
     if rows <= 16:  # decode: split-K below one row per expert (both GEMMs) and below four (down)
         split_up, split_down = (4, 4) if rows < 1 else (1, 2) if rows < 4 else (1, 1)
-        if rows < 1:  # one token: down on 128-row tiles (H100, 4 layers a call: 10.8 vs 11.6 us with
-            # 64-row tiles capped at 80 registers, which fit 6 programs an SM instead of 5; in the
-            # whole decode step 1.3 us a layer less)
-            down = GemmOptions(128, 128, 4, 3, swap_ab=True, split_k=split_down)
-        else:
-            down = GemmOptions(64, 128, 4, 3, swap_ab=True, split_k=split_down)
+        # below one row per expert down takes 128-row tiles (H100, 4 layers a call, one token: 10.8 vs
+        # 11.6 us with 64-row tiles capped at 80 registers; in the whole decode step 1.3 us a layer less)
+        down = GemmOptions(128 if rows < 1 else 64, 128, 4, 3, swap_ab=True, split_k=split_down)
         return MoEKernelConfig(block_m=16, gate_up=GemmOptions(64, 128, 4, 3, swap_ab=True, split_k=split_up),
                                down=down, fused_combine=True)
     if rows <= 96:  # batch 128-768 decode
