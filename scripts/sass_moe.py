@@ -5,7 +5,7 @@ instructions of their K loop: how many instructions a thread spends per weight, 
     python scripts/sass_moe.py --block-k 64 --split 1 --upcast-mode 1
 
 Uses Triton's ASTSource compiled for GPUTarget("cuda", 90, 32), then the ptxas / cuobjdump that ship
-with Triton (the PTX version is pinned to 8.8, which that ptxas reads)."""
+with Triton (the PTX version lowered to what that ptxas reads, where it is newer)."""
 
 from __future__ import annotations
 
@@ -53,10 +53,19 @@ def sass(kernel) -> tuple[str, str]:
     """(ptxas -v report, SASS text)."""
     with tempfile.TemporaryDirectory() as d:
         ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
-        with open(ptx, "w") as f:
-            f.write(re.sub(r"\.version \d+\.\d+", ".version 8.8", kernel.asm["ptx"]))
-        rep = subprocess.run([f"{BIN}/ptxas", "-arch=sm_90a", "-v", ptx, "-o", cubin], check=True,
-                             capture_output=True, text=True).stderr
+        text = kernel.asm["ptx"]
+        for _ in range(2):  # a newer Triton writes a PTX version this ptxas may not read: pin its own
+            with open(ptx, "w") as f:
+                f.write(text)
+            run = subprocess.run([f"{BIN}/ptxas", "-arch=sm_90a", "-v", ptx, "-o", cubin], capture_output=True,
+                                 text=True)
+            newest = re.search(r"current version is '(\d+\.\d+)'", run.stderr)
+            if run.returncode == 0 or not newest:
+                break
+            text = re.sub(r"\.version \d+\.\d+", f".version {newest.group(1)}", text)
+        if run.returncode:
+            raise RuntimeError(f"ptxas failed: {run.stderr}")
+        rep = run.stderr
         return rep, subprocess.run([f"{BIN}/cuobjdump", "-sass", cubin], check=True, capture_output=True,
                                    text=True).stdout
 
@@ -77,24 +86,28 @@ def loop_histogram(text: str) -> collections.Counter:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--block-m", type=int, default=16)
     ap.add_argument("--block-n", type=int, default=64)
     ap.add_argument("--block-k", type=int, default=128)
     ap.add_argument("--split", type=int, default=4)
     ap.add_argument("--upcast-mode", type=int, default=2, help="1: two multiplies a pair, 2: one")
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=3)
     a = ap.parse_args()
-    common = dict(TOP_K=4, BLOCK_M=16, BLOCK_N=a.block_n, BLOCK_K=a.block_k, ACT=0, SWAP=True, EVEN_K=False,
+    common = dict(TOP_K=4, BLOCK_M=a.block_m, BLOCK_N=a.block_n, BLOCK_K=a.block_k, ACT=0, SWAP=True, EVEN_K=False,
                   MASK_W=False, DEQ_ASM=a.upcast_mode, PREFETCH=0, INTERPRET=False, FRAG=True, PDL=True,
                   INLINE=False)
     kernels = {"gate_up": (G._gate_up_kernel, dict(common, SPLIT_K=a.split, ZERO=True, E_PAD=32, K_PAD=4)),
                "down": (G._down_kernel, dict(common, HAS_BIAS=True, FUSED_COMBINE=True, NA_PAD=2))}
-    per_thread = a.block_n * a.block_k // 128  # weights a thread upcasts each K step (4 warps)
+    per_thread = a.block_n * a.block_k // (32 * a.warps)  # weights a thread upcasts each K step
     for name, (fn, consts) in kernels.items():
-        rep, text = sass(compile_sm90(fn, consts, 4, 3))
+        rep, text = sass(compile_sm90(fn, consts, a.warps, a.stages))
         regs = re.search(r"Used (\d+) registers", rep).group(1)
         h = loop_histogram(text)
         total = sum(h.values())
         top = ", ".join(f"{k} {v}" for k, v in h.most_common(12))
-        print(f"{name}: {regs} registers; K loop {total} instructions a thread for {per_thread} weights "
+        serial = "; wgmma SERIALIZED (C7515)" if "C7515" in rep else ""
+        print(f"{name}: {regs} registers{serial}; K loop {total} instructions a thread for {per_thread} weights "
               f"({total / per_thread:.2f} a weight): {top}")
 
 

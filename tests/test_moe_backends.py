@@ -351,18 +351,20 @@ def test_split_k_workspace(interp):
         G.moe_down(a, None, r, w2, b2, "bf16", o, 0, E, True, torch.float32, torch.zeros(T, H).bfloat16())
 
 
-@pytest.mark.parametrize("start,n_local", [(0, 8), (4, 4)])
-def test_inline_routing_matches_routed_gemms(interp, start, n_local):
+@pytest.mark.parametrize("start,n_local,E", [(0, 8, 8), (4, 4, 8), (0, 24, 24), (8, 16, 40)])
+def test_inline_routing_matches_routed_gemms(interp, start, n_local, E):
     # one token, no routing kernel: gate_up finds the token's top-k itself (ties to the lower index,
     # as moe_routing), writes topk_ids / topk_weights, and row j of `a` is the token's j-th expert;
     # an expert-parallel rank skips the other rank's experts. The rows and the down output match the
-    # GEMMs run on moe_routing's grouped rows.
+    # GEMMs run on moe_routing's grouped rows. Up to 32 experts (padded) the kernel ranks the experts,
+    # above it runs the routing kernel's top-k (40: 64 padded).
     G, R = interp.gemm, interp.routing
     g = torch.Generator().manual_seed(31 + start)
-    E, k, H, I = 8, 4, 64, 64
+    k, H, I = 4, 64, 64
     w = slice_weights(random_weights(MoESpec(E, k, H, I), g), experts=slice(start, start + n_local))
     x = torch.randn(1, H, generator=g).bfloat16()
     lg = distinct_logits(1, E, g)
+    lg[0, start + n_local - 1] = lg.max() + 0.5  # third: a local expert on every rank
     lg[0, 5] = lg[0, 2] = lg.max() + 1  # a tie for first place: expert 2 before 5
     w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2", True)
     w2 = G.prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, "bf16x2", True)
@@ -374,6 +376,7 @@ def test_inline_routing_matches_routed_gemms(interp, start, n_local):
     out = torch.full((1, H), float("nan"))
     a, _ = G.moe_gate_up(x, r, w1, b1, "bf16", 1.702, 7.0, o, zero=out)
     assert torch.equal(r.topk_ids, ref.topk_ids) and r.topk_ids[0, 0] == 2 and r.topk_ids[0, 1] == 5
+    assert r.topk_ids[0, 2] == start + n_local - 1
     torch.testing.assert_close(r.topk_weights, ref.topk_weights, atol=1e-6, rtol=1e-5)
     a_ref, _ = G.moe_gate_up_torch(x, ref, w1, b1, "bf16", 1.702, 7.0, o)
     local = [j for j in range(k) if ref.assign_pos[j] >= 0]
