@@ -2,11 +2,12 @@
 runs twice per layer (same inputs, same outputs; the second call's time is the stage's cost in the
 PDL chain, launch and ramp included), alternated with the plain step in one process.
 
-    python scripts/marginal_cost.py [--ckpt /tmp/gptoss-20b] [--stages routing kv_write attention norm gemv]
+    python scripts/marginal_cost.py [--ckpt /tmp/gptoss-20b] [--stages routing attention norm gemv]
 
 Prints ms per token and the difference per layer against the plain step. With "routing" among the
 stages the step runs the routing kernel (backends.INLINE_ROUTING off), as it did before one-token
-routing moved into gate_up.
+routing moved into gate_up. "attention" is rope + KV write + attention, one kernel at decode since
+the fourth session (it was two stages, kv_write and attention, before).
 """
 import argparse
 import statistics
@@ -17,8 +18,8 @@ import gptoss.model.gpt_oss as model
 import gptoss.moe.triton_backends as backends
 from ab_decode import _llm, decode_ms
 
-STAGES = {"routing": (backends, "moe_routing"), "kv_write": (model, "rope_write_kv"),
-          "attention": (model, "paged_attention"), "norm": (model, "rms_norm"), "gemv": (model, "linear_rows")}
+STAGES = {"routing": (backends, "moe_routing"), "attention": (model, "rope_kv_attention"),
+          "norm": (model, "rms_norm"), "gemv": (model, "linear_rows")}
 
 
 def twice(f):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gptoss.kernels import attention as attn
-from gptoss.kernels.attention import AttentionOptions, paged_attention, rope_write_kv, write_kv
+from gptoss.kernels.attention import AttentionOptions, paged_attention, rope_kv_attention, rope_write_kv, write_kv
 from gptoss.kernels.attention_torch import (fp8_scale_torch, paged_attention_torch, quantize_fp8_torch,
                                             rope_write_kv_torch, write_kv_torch)
 
@@ -261,7 +261,45 @@ def _rope_write_kv_matches_twin(device, fp8, dtype, T=11, hq=4, hkv=2, d=32, blo
     assert (caches[0].float().view(-1, hkv, d)[untouched.to(device)] == 5.0).all(), "wrote outside its slots"
 
 
-# (query_lens, ctx_lens, block_size, window): prefill, chunked prefill after a prefix, mixed batches
+def _fused_decode_matches_unfused(device, ctxs, block_size, window, splits, fp8, dtype=torch.bfloat16,
+                                  hq=8, hkv=2, d=32, seed=0):
+    """rope_kv_attention at decode (the decode kernel rotates q and writes each new token's K/V) vs
+    rope_write_kv + paged_attention: the same output and the same cache. The new tokens' slots start
+    NaN, so a write the fused kernel skips, or a read before its write, shows in the output."""
+    c = Case([1] * len(ctxs), ctxs, block_size=block_size, window=window, fp8=fp8, hq=hq, hkv=hkv, d=d,
+             dtype=dtype, device=device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    B = len(ctxs)
+    ends = torch.tensor(c.seq_lens).cumsum(0) - 1
+    slots = c.slots[ends.to(c.slots.device)]
+    qkv = (torch.randn(B, hq + 2 * hkv, d, generator=g) * 2).to(dtype).to(device)
+    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]  # strided views, as from the projection
+    pos = (c.seq_lens_t - 1).long()
+    ang = torch.rand(max(c.seq_lens) + 1, d // 2, generator=g) * 6.3
+    cos, sin = (ang.cos() * 1.3).to(device), (ang.sin() * 1.3).to(device)
+    caches = []
+    for _ in range(2):
+        kc, vc = c.k_cache.clone(), c.v_cache.clone()
+        ks, vs = (c.k_scale.clone(), c.v_scale.clone()) if fp8 else (None, None)
+        for cache in (kc, vc):
+            cache.view(-1, hkv, d)[slots] = float("nan")
+        caches.append((kc, vc, ks, vs))
+    args = (c.block_tables, c.query_start_loc, c.seq_lens_t, 1, max(c.seq_lens), c.sinks, c.sm_scale, window)
+    opts = AttentionOptions(decode_block_n=16 if device == "cpu" else 128, decode_num_splits=splits)
+    kc, vc, ks, vs = caches[0]
+    q_rot = rope_write_kv(q, k, v, pos, cos, sin, kc, vc, slots, ks, vs)
+    ref = paged_attention(q_rot, kc, vc, *args, ks, vs, options=opts)
+    kc, vc, ks, vs = caches[1]
+    out = rope_kv_attention(q, k, v, pos, cos, sin, kc, vc, slots, *args, ks, vs, options=opts)
+    what = f"fused decode {ctxs} bs={block_size} w={window} splits={splits} fp8={fp8}"
+    assert torch.isfinite(out.float()).all(), what
+    assert_close(out, ref, max_tol=1e-3, rms_tol=1e-4, what=what)
+    for a, b in zip(caches[0], caches[1]):
+        if a is not None:
+            assert torch.equal(a.float().nan_to_num(7.0), b.float().nan_to_num(7.0)), what + ": caches differ"
+
+
+# (query_lens, ctx_lens, block_size, window): prefill, chunked prefill after a prefix, mixed batches# (query_lens, ctx_lens, block_size, window): prefill, chunked prefill after a prefix, mixed batches
 PREFILL_CASES = [
     ([7, 20, 3], [0, 0, 0], 4, None),
     ([7, 20, 3], [0, 0, 0], 4, 6),
@@ -314,6 +352,48 @@ def test_interp_decode(case, fp8):
 
 
 @interp_only
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_interp_fused_decode_rope_kv(case, fp8):
+    ctxs, bs, window, splits = DECODE_CASES[case]
+    hq, hkv = (8, 1) if case % 2 else (4, 2)
+    _fused_decode_matches_unfused("cpu", ctxs, bs, window, splits, fp8, torch.float32, hq=hq, hkv=hkv, seed=case)
+
+
+@interp_only
+def test_interp_fused_decode_skips_padding():
+    # a sequence without a token and a graph padding row (slot -1, seq_len 1, the null block): the
+    # fused kernel writes nowhere for either and leaves the real rows as the unfused pair computes them
+    c = Case([1, 1], [6, 9], block_size=4, dtype=torch.float32)
+    k = torch.randn(3, 2, 32)
+    v = torch.randn(3, 2, 32)
+    q = torch.randn(3, 4, 32)
+    qsl = torch.tensor([0, 1, 1, 2, 3], dtype=torch.int32)  # sequence 1 brings no token; 3 is padding
+    seq_lens = torch.tensor([7, 0, 10, 1], dtype=torch.int32)
+    tables = torch.cat([c.block_tables[:1], torch.zeros_like(c.block_tables[:1]), c.block_tables[1:],
+                        torch.zeros_like(c.block_tables[:1])])
+    slots = torch.tensor([c.slots[6].item(), c.slots[15].item(), -1])
+    pos = torch.tensor([6, 9, 0])
+    ang = torch.rand(16, 16) * 6.3
+    outs, caches = [], []
+    for fused in (False, True):
+        kc, vc = c.k_cache.clone(), c.v_cache.clone()
+        kc[0] = vc[0] = 0.5  # the null block: finite, so that the padding row's output is too
+        args = (q, k, v, pos, ang.cos(), ang.sin(), kc, vc, slots, tables, qsl, seq_lens, 1, 10, c.sinks,
+                c.sm_scale, None)
+        attn.FUSED_DECODE_KV = fused
+        try:
+            outs.append(rope_kv_attention(*args, options=AttentionOptions(decode_block_n=16, decode_num_splits=3)))
+        finally:
+            attn.FUSED_DECODE_KV = True
+        caches.append((kc, vc))
+    assert_close(outs[1], outs[0], max_tol=1e-5, rms_tol=1e-6, what="padding")
+    for a, b in zip(*caches):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    assert (caches[1][0][0] == 0.5).all() and (caches[1][1][0] == 0.5).all(), "wrote into the null block"
+
+
+@interp_only
 def test_interp_fp8_with_bf16_dots():
     # the GPU default for fp8 converts codes to fp16; the bf16 variant shares the rest of the path
     for qlens, ctxs, splits in (([1, 1], [20, 3], 2), ([6, 9], [0, 11], None)):
@@ -353,6 +433,16 @@ def test_gpu_write_kv_bit_exact(fp8):
 def test_gpu_rope_write_kv(fp8):
     _rope_write_kv_matches_twin("cuda", fp8, torch.bfloat16, T=300, hq=64, hkv=8, d=64, block_size=16,
                                 max_pos=4096)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("window", [None, 128])
+def test_gpu_fused_decode_rope_kv(fp8, window):
+    for splits in (None, 1, 7):
+        _fused_decode_matches_unfused("cuda", [0, 1, 127, 128, 1000, 4095], 16, window, splits, fp8,
+                                      hq=64, hkv=8, d=64, seed=3)
 
 
 # (block_size, window, fp8): every kernel variant at block 16, other block sizes on a few

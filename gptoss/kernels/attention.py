@@ -25,6 +25,7 @@ from .attention_torch import paged_attention_torch, rope_write_kv_torch, write_k
 
 # the interpreter (TRITON_INTERPRET=1 before this module was imported) runs the kernels on CPU tensors
 INTERPRETED = type(_k._decode_kernel).__name__ == "InterpretedFunction"
+FUSED_DECODE_KV = True  # rope_kv_attention: decode steps rotate and write K/V in the decode kernel
 
 
 @dataclass(frozen=True)
@@ -108,17 +109,44 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
     """Rotary embedding on q [T, Hq, D] and k [T, Hkv, D] at positions [T] (cos / sin: fp32 tables
     [max_pos, D/2]), then write_kv of the rotated k and v: one kernel per step instead of ~20 small
     ones per layer. Returns the rotated q (a new tensor); the rotated k only lives in the cache."""
+    fp8 = _check_rope_kv(q, k, v, positions, cos, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    if not _uses_triton(k):
+        return rope_write_kv_torch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _launch_write_kv(q, k, v, (q_out, positions, cos, sin), k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8)
+    return q_out
+
+
+def _check_rope_kv(q, k, v, positions, cos, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> bool:
+    """rope_write_kv's arguments checked against the cache; returns whether it is fp8."""
     fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
     T, H, D = k.shape
     if (v.shape != k.shape or q.shape[0] != T or q.shape[2] != D or tuple(k_cache.shape[2:]) != (H, D)
             or slot_mapping.shape != (T,) or positions.shape != (T,) or cos.shape[1:] != (D // 2,)):
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, positions "
                          f"{tuple(positions.shape)}, cos {tuple(cos.shape)} do not fit the cache {tuple(k_cache.shape)}")
-    if not _uses_triton(k):
-        return rope_write_kv_torch(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _launch_write_kv(q, k, v, (q_out, positions, cos, sin), k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8)
-    return q_out
+    return fp8
+
+
+def rope_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor, block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                      seq_lens: torch.Tensor, max_query_len: int, max_seq_len: int, sinks: torch.Tensor,
+                      sm_scale: float, window: int | None, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None, options: AttentionOptions | None = None) -> torch.Tensor:
+    """rope_write_kv, then paged_attention of the rotated q: the same results. A decode step (one
+    token per sequence) on the GPU does both in the decode kernel, which rotates q and writes each
+    token's K/V itself: one kernel a layer less (FUSED_DECODE_KV)."""
+    if max_query_len > 1 or not FUSED_DECODE_KV or not _uses_triton(q):
+        q = rope_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        return paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len,
+                               max_seq_len, sinks, sm_scale, window, k_scale, v_scale, options)
+    _check_rope_kv(q, k, v, positions, cos, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("k and v need a contiguous head_dim")
+    return paged_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len,
+                           max_seq_len, sinks, sm_scale, window, k_scale, v_scale, options,
+                           _new_kv=(k, v, positions, cos, sin, slot_mapping))
 
 
 def _launch_write_kv(q, k, v, rope, k_cache, v_cache, slot_mapping, k_scale, v_scale, fp8: bool) -> None:
@@ -158,7 +186,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     max_query_len: int, max_seq_len: int, sinks: torch.Tensor, sm_scale: float,
                     window: int | None, k_scale: torch.Tensor | None = None,
                     v_scale: torch.Tensor | None = None,
-                    options: AttentionOptions | None = None) -> torch.Tensor:
+                    options: AttentionOptions | None = None, _new_kv: tuple | None = None) -> torch.Tensor:
     """q [T, Hq, D], the new tokens of B sequences packed -> out [T, Hq, D] in q's dtype.
 
     block_tables int32 [B, max_blocks]; query_start_loc int32 [B + 1]; seq_lens int32 [B] (cached +
@@ -218,14 +246,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_acc = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = out  # unused
+    # rope_kv_attention: the unrotated k, v and what rotates them (else placeholders, never read)
+    k, v, pos, cos, sin, slots = _new_kv if _new_kv is not None else (q, q, seq_lens, q, q, seq_lens)
     _k._decode_kernel[(Hkv, B, splits)](
         q, k_cache, v_cache, ks, vs, block_tables, query_start_loc, seq_lens, sinks, out,
         part_m, part_l, part_acc, qk_scale, window, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        *cache_args,
+        *cache_args, k, v, pos, cos, sin, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         BLOCK_SIZE=BS, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=D,
         BLOCK_N=opts.decode_block_n,
-        FP8=fp8, USE_WINDOW=window > 0, SPLIT=splits > 1, DOT=dot,
+        FP8=fp8, USE_WINDOW=window > 0, SPLIT=splits > 1, DOT=dot, ROPE_KV=_new_kv is not None,
         num_warps=opts.decode_num_warps, num_stages=opts.decode_num_stages, **pdl.args())
     if splits > 1:
         _k._decode_combine_kernel[(B, Hq)](

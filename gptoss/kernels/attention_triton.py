@@ -246,18 +246,54 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_
 
 
 @triton.jit
+def _rope_kv_decode(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
+                    t, t_real, kvh, heads, qmask, write, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
+    """The decode kernel's own rope + KV write (_write_kv_kernel's math, for one token and KV head):
+    returns the token's rotated q heads [BLOCK_H, D]; with `write` (the program that attends the
+    token's own key) rotates its k, writes k and v into the cache and waits at a CTA barrier, so the
+    attention after it reads them back."""
+    d2 = tl.arange(0, D // 2)
+    p = tl.load(pos_ptr + tl.where(t_real, t, 0)).to(tl.int64)  # a padding sequence has no token t
+    c = tl.load(cos_ptr + p * (D // 2) + d2)
+    s = tl.load(sin_ptr + p * (D // 2) + d2)
+    q1, q2 = _load_halves(q_ptr + t * stride_qt, heads * stride_qh, qmask[:, None], D)
+    q1, q2 = _rotate(q1, q2, c, s, q_ptr.dtype.element_ty)
+    q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_H, D))  # [q1 | q2] per head
+    if write:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        h = kvh + tl.zeros([1], tl.int32)  # the write helpers take rows of heads: one row here
+        one = h >= 0
+        k1, k2 = _load_halves(k_ptr + t * stride_kt, h * stride_kh, one[:, None], D)
+        k1, k2 = _rotate(k1, k2, c, s, k_ptr.dtype.element_ty)
+        v1, v2 = _load_halves(v_ptr + t * stride_vt, h * stride_vh, one[:, None], D)
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        dst = blk * stride_cb + off * stride_ct + h * stride_ch
+        sdst = blk * stride_sb + off * stride_st + h
+        _store_kv_halves(kc_ptr, ks_ptr, dst, sdst, k1, k2, one[:, None], one, D, FP8)
+        _store_kv_halves(vc_ptr, vs_ptr, dst, sdst, v1, v2, one[:, None], one, D, FP8)
+    tl.debug_barrier()  # a CTA barrier orders the block's global writes before its later reads
+    return q
+
+
+@triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, sinks_ptr,
                    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qk_scale, window, num_splits,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                    stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
+                   k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
                    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr,
                    FP8: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                   DOT: tl.constexpr, PDL: tl.constexpr):
+                   DOT: tl.constexpr, ROPE_KV: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     # one query token per sequence; program (KV head, sequence, split) takes the GROUP query heads of
     # its KV head as the rows of one tile (padded to BLOCK_H >= 16 for tl.dot) and a slice of keys.
     # A sequence's KV heads run side by side: they share the 32-byte sectors of the fp8 scales.
+    # ROPE_KV: q, k and v come unrotated from the projection; the kernel rotates q, and the program
+    # whose keys end at the token's own writes its k and v into the cache (no KV-write kernel before).
     kvh = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -278,9 +314,19 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
     qmask = gmask & (g * 0 + t < t_end)  # block-shaped: the interpreter rejects scalar bools in masks
     heads = kvh * GROUP + g
     d = tl.arange(0, D)
+    t_real = t < t_end
     t = t.to(tl.int64)
-    q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=qmask[:, None], other=0.0)
+    if ROPE_KV:
+        write = t_real & (end == seq_len) & (start < end)
+        if write:
+            write = tl.load(slot_ptr + t) >= 0  # a graph's padding row writes nowhere
+        q = _rope_kv_decode(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr,
+                            vs_ptr, t, t_real, kvh, heads, qmask, write, stride_qt, stride_qh, stride_kt, stride_kh,
+                            stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
+                            BLOCK_SIZE, BLOCK_H, D, FP8)
+    else:
+        q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=qmask[:, None], other=0.0)
     q, qk_scale = _to_dot_dtype(q, qk_scale, DOT)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..engine.forward_context import get_forward_context
-from ..kernels.attention import paged_attention, rope_write_kv
+from ..kernels.attention import rope_kv_attention
 from ..kernels.gemv import GemvOptions, linear_rows, rms_norm_linear_rows
 from ..kernels.rmsnorm import rms_norm
 from ..moe import MoESpec, MoEWeights
@@ -96,13 +96,10 @@ class AttentionBlock(nn.Module):
         own = self.window is not None and ctx.swa_block_tables is not None
         tables = ctx.swa_block_tables if own else ctx.block_tables
         slots = ctx.swa_slot_mapping if own else ctx.slot_mapping
-        with torch.profiler.record_function("attn.rope_kv_write"):
-            q = rope_write_kv(q, k, v, positions, self.rope.cos, self.rope.sin, cache.k, cache.v, slots,
-                              cache.k_scale, cache.v_scale)
-        with torch.profiler.record_function("attn.core"):
-            o = paged_attention(q, cache.k, cache.v, tables, ctx.query_start_loc, ctx.seq_lens,
-                                ctx.max_query_len, ctx.max_seq_len, self.sinks, self.sm_scale, self.window,
-                                cache.k_scale, cache.v_scale)
+        with torch.profiler.record_function("attn.core"):  # rope + KV write + attention (one kernel at decode)
+            o = rope_kv_attention(q, k, v, positions, self.rope.cos, self.rope.sin, cache.k, cache.v, slots,
+                                  tables, ctx.query_start_loc, ctx.seq_lens, ctx.max_query_len, ctx.max_seq_len,
+                                  self.sinks, self.sm_scale, self.window, cache.k_scale, cache.v_scale)
         with torch.profiler.record_function("attn.out"):
             # only rank 0 adds the bias, so the all-reduce sums it once
             bias = self.out_bias if self.par.tp_rank == 0 else None
