@@ -172,3 +172,22 @@ def test_bfloat16_on_cpu_runs(tiny_ckpt):
     o = llm.generate(P[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(o[0].outputs[0].token_ids) == 4
     assert llm.engine.model.embedding.dtype == torch.bfloat16
+
+
+def test_engine_freezes_its_startup_objects(tiny_ckpt):
+    # the startup objects go to the permanent generation (no full collection walks them later), and
+    # a dropped LLM is still freed without a collection (its model and caches hold no cycle)
+    import gc
+    import weakref
+    gc.unfreeze()
+    llm = LLM(tiny_ckpt, max_model_len=256, max_num_seqs=2)
+    assert gc.get_freeze_count() > 1000
+    assert llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    model = weakref.ref(llm.engine.model)
+    gc.disable()
+    try:
+        del llm
+        assert model() is None, "a dropped engine waits for the cyclic collector"
+    finally:
+        gc.enable()
