@@ -191,3 +191,16 @@ def test_engine_freezes_its_startup_objects(tiny_ckpt):
         assert model() is None, "a dropped engine waits for the cyclic collector"
     finally:
         gc.enable()
+
+
+def test_stage_ranges_only_under_a_profiler(tiny_llm):
+    # the forward's named ranges (scripts/profile_*.py read them) appear in a profiler's trace, and
+    # without a profiler stage() enters nothing
+    from torch.profiler import ProfilerActivity, profile
+
+    from gptoss.profiling import stage
+    assert type(stage("x")).__name__ == "nullcontext"
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        tiny_llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=1), use_tqdm=False)
+    names = {e.name for e in prof.events()}
+    assert {"attn.qkv", "attn.core", "moe.router", "moe.experts", "unembed"} <= names, sorted(names)[:40]

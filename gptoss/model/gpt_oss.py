@@ -14,6 +14,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..engine.forward_context import get_forward_context
 from ..kernels.attention import rope_kv_attention
+from ..profiling import stage
 from ..kernels.gemv import GemvOptions, linear_rows, rms_norm_linear_rows
 from ..kernels.rmsnorm import rms_norm
 from ..moe import MoESpec, MoEWeights
@@ -82,7 +83,7 @@ class AttentionBlock(nn.Module):
         ctx = get_forward_context()
         # (the norm inside the qkv GEMV, as the router's, measured no faster: 2.181 vs 2.182 ms a token)
         t, x = self.norm(x, delta) if delta is not None else (self.norm(x), x)
-        with torch.profiler.record_function("attn.qkv"):
+        with stage("attn.qkv"):
             if GEMV_QKV and _gemv_ok(t, self.qkv_weight):
                 qkv = linear_rows(t, self.qkv_weight, self.qkv_bias, QKV_GEMV)
             else:
@@ -96,11 +97,11 @@ class AttentionBlock(nn.Module):
         own = self.window is not None and ctx.swa_block_tables is not None
         tables = ctx.swa_block_tables if own else ctx.block_tables
         slots = ctx.swa_slot_mapping if own else ctx.slot_mapping
-        with torch.profiler.record_function("attn.core"):  # rope + KV write + attention (one kernel at decode)
+        with stage("attn.core"):  # rope + KV write + attention (one kernel at decode)
             o = rope_kv_attention(q, k, v, positions, self.rope.cos, self.rope.sin, cache.k, cache.v, slots,
                                   tables, ctx.query_start_loc, ctx.seq_lens, ctx.max_query_len, ctx.max_seq_len,
                                   self.sinks, self.sm_scale, self.window, cache.k_scale, cache.v_scale)
-        with torch.profiler.record_function("attn.out"):
+        with stage("attn.out"):
             # only rank 0 adds the bias, so the all-reduce sums it once
             bias = self.out_bias if self.par.tp_rank == 0 else None
             o = o.flatten(1)
@@ -158,7 +159,7 @@ class MLPBlock(nn.Module):
                 p.data = p.data.new_empty(0)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor):
-        with torch.profiler.record_function("moe.router"):
+        with stage("moe.router"):
             if GEMV_ROUTER and NORM_ROUTER and _gemv_ok(x, self.router_weight):
                 t, x, logits = rms_norm_linear_rows(x, delta, self.norm.weight, self.norm.eps, self.router_weight,
                                                     self.router_bias, ROUTER_GEMV)
@@ -168,7 +169,7 @@ class MLPBlock(nn.Module):
                     logits = linear_rows(t, self.router_weight, self.router_bias, ROUTER_GEMV)
                 else:
                     logits = F.linear(t, self.router_weight, self.router_bias)  # [T, E]
-        with torch.profiler.record_function("moe.experts"):
+        with stage("moe.experts"):
             # the backend's own sum (float32 from Triton's fused combine): the next norm adds it to the
             # residual stream without a cast kernel between; ranks all-reduce in the model dtype
             y = self.experts.forward_sum(t, logits)
@@ -215,5 +216,5 @@ class Transformer(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, H] (the rows that sample) -> logits [S, vocab] in the model dtype: the sampler
         takes the argmax of greedy rows as they are and makes an fp32 copy only when it edits them."""
-        with torch.profiler.record_function("unembed"):
+        with stage("unembed"):
             return F.linear(self.norm(hidden), self.unembedding)

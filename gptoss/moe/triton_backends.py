@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
-from torch.profiler import record_function
 
 from ..kernels.moe_gemm import INTERPRETED, GemmOptions, gate_up_workspace_size, moe_down, moe_gate_up, row_absmax
 from ..kernels.moe_weights import prepare_mxfp4_weight
 from ..kernels.moe_routing import RoutingOptions, inline_routing, moe_routing
+from ..profiling import stage
 from .base import MoEBackend, MoESpec, MoEWeights
 from .registry import register_moe_backend
 
@@ -191,7 +191,7 @@ class _TritonMoE(MoEBackend):
         cfg = self.config_for(x.shape[0])
         if x.stride(-1) != 1:
             x = x.contiguous()
-        with record_function("moe.route"):
+        with stage("moe.route"):
             route = inline_routing if INLINE_ROUTING and x.shape[0] == 1 else moe_routing
             routing = route(router_logits, spec.top_k, spec.expert_start, spec.local_experts,
                             RoutingOptions(block_m=cfg.block_m))
@@ -200,10 +200,10 @@ class _TritonMoE(MoEBackend):
         workspace = self._workspace(gate_up_workspace_size(routing, self.w1, cfg.gate_up), x.device)
         out = torch.empty(x.shape[0], self.w2.n, dtype=torch.float32, device=x.device) if cfg.fused_combine else None
         x_amax = row_absmax(x) if self.act == "fp8" else None
-        with record_function("moe.w1"):
+        with stage("moe.w1"):
             a, a_amax = moe_gate_up(x, routing, self.w1, self.b1, self.act, spec.swiglu_alpha,
                                     spec.swiglu_limit, cfg.gate_up, x_amax, workspace, out)
-        with record_function("moe.w2"):
+        with stage("moe.w2"):
             return moe_down(a, a_amax, routing, self.w2, self.b2, self.act, cfg.down, spec.expert_start,
                             spec.local_experts, cfg.fused_combine,
                             torch.float32 if cfg.fused_combine else x.dtype, out)
