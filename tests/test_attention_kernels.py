@@ -173,6 +173,15 @@ def test_wrappers_on_cpu_are_the_twins():
         assert torch.equal(c.run(), c.reference())
 
 
+def test_decode_warps_grow_only_for_grids_that_leave_sms_idle():
+    cpu = torch.device("cpu")  # sm_count: 4 there
+    o = AttentionOptions()
+    assert attn._decode_warps(4, cpu, o) == o.decode_small_grid_num_warps == 8
+    assert attn._decode_warps(5, cpu, o) == o.decode_num_warps == 4
+    assert attn._decode_warps(1, cpu, AttentionOptions(decode_small_grid_num_warps=0)) == 4
+    assert attn._decode_warps(1, cpu, attn.DEFAULT_FP8_OPTIONS) == 1  # fp8 keeps its tuned one warp
+
+
 def test_wrapper_rejects_fp8_cache_without_scales():
     c = Case([2], [3], fp8=True)
     with pytest.raises(ValueError, match="fp8"):
