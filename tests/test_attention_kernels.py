@@ -308,7 +308,7 @@ def _fused_decode_matches_unfused(device, ctxs, block_size, window, splits, fp8,
             assert torch.equal(a.float().nan_to_num(7.0), b.float().nan_to_num(7.0)), what + ": caches differ"
 
 
-# (query_lens, ctx_lens, block_size, window): prefill, chunked prefill after a prefix, mixed batches# (query_lens, ctx_lens, block_size, window): prefill, chunked prefill after a prefix, mixed batches
+# (query_lens, ctx_lens, block_size, window): prefill, chunked prefill after a prefix, mixed batches
 PREFILL_CASES = [
     ([7, 20, 3], [0, 0, 0], 4, None),
     ([7, 20, 3], [0, 0, 0], 4, 6),

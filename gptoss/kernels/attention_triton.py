@@ -247,8 +247,8 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_
 
 @triton.jit
 def _rope_kv_decode(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
-                    t, t_real, kvh, heads, qmask, write, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                    stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
+                    t, t_real, kvh, heads, qmask, write, stride_qt, stride_qh, stride_kt, stride_kh,
+                    stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
                     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
     """The decode kernel's own rope + KV write (_write_kv_kernel's math, for one token and KV head):
     returns the token's rotated q heads [BLOCK_H, D]; with `write` (the program that attends the

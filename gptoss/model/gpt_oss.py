@@ -14,11 +14,11 @@ from torch import nn
 from ..config import ModelConfig
 from ..engine.forward_context import get_forward_context
 from ..kernels.attention import rope_kv_attention
-from ..profiling import stage
 from ..kernels.gemv import GemvOptions, linear_rows, rms_norm_linear_rows
 from ..kernels.rmsnorm import rms_norm
 from ..moe import MoESpec, MoEWeights
 from ..distributed import ParallelState
+from ..profiling import stage
 from .rope import RotaryEmbedding
 
 # one-row steps (batch-1 decode) run the attention output projection and the router through
