@@ -381,7 +381,7 @@ def test_interp_fused_decode_skips_padding():
     seq_lens = torch.tensor([7, 0, 10, 1], dtype=torch.int32)
     tables = torch.cat([c.block_tables[:1], torch.zeros_like(c.block_tables[:1]), c.block_tables[1:],
                         torch.zeros_like(c.block_tables[:1])])
-    slots = torch.tensor([c.slots[6].item(), c.slots[15].item(), -1])
+    slots = torch.tensor([c.slots[6].item(), c.slots[7 + 9].item(), -1])  # the last positions: 6 and 9
     pos = torch.tensor([6, 9, 0])
     ang = torch.rand(16, 16) * 6.3
     outs, caches = [], []
