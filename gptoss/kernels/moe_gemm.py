@@ -43,7 +43,7 @@ import triton.language as tl
 from ..quant.mxfp4 import dequantize_mxfp4
 from ..quant.mxfp8 import dequantize_mxfp8, quantize_mxfp8
 from . import pdl
-from .moe_routing import Routing, _store_topk, _topk_softmax
+from .moe_routing import Routing, _store_topk, _topk_softmax, _topk_weights
 from .pdl import pdl_enter
 # the weight layouts live in moe_weights; re-exported here, where callers have always found them
 from .moe_weights import (_BF16X2_BITS, ENCODINGS, FP8_MAX_SHIFT, MXFP4Weight, _fp8_weight_torch,  # noqa: F401
@@ -551,14 +551,12 @@ def _inline_topk(logits_ptr, ids_ptr, w_ptr, E, pid_m, store, TOP_K: tl.constexp
         for f in tl.static_range(E_PAD):
             lf = tl.load(logits_ptr + f, mask=f < E, other=float("-inf")).to(tl.float32)
             rank += ((lf > lg) | ((lf == lg) & (f < offs))).to(tl.int32)
-        if store:
-            kcol = tl.arange(0, K_PAD)
-            sel = rank[:, None] == kcol[None, :]  # [E_PAD, K_PAD]
-            vals = tl.sum(tl.where(sel, lg[:, None], 0.0), axis=0)
-            p = tl.where(kcol < TOP_K, tl.exp(vals - tl.max(tl.where(kcol < TOP_K, vals, float("-inf")), axis=0)),
-                         0.0)
-            tl.store(ids_ptr + kcol, tl.sum(tl.where(sel, offs[:, None], 0), axis=0), mask=kcol < TOP_K)
-            tl.store(w_ptr + kcol, p / tl.maximum(tl.sum(p, axis=0), 1e-30), mask=kcol < TOP_K)
+        if store:  # the routing kernel's [2, K_PAD] tiles (row 1 padding), its weights and its store
+            sel = rank[:, None] == tl.arange(0, K_PAD)[None, :]  # [E_PAD, K_PAD]
+            row0 = tl.arange(0, 2)[:, None] == 0
+            ids = tl.where(row0, tl.sum(tl.where(sel, offs[:, None], 0), axis=0)[None, :], 0)
+            vals = tl.where(row0, tl.sum(tl.where(sel, lg[:, None], 0.0), axis=0)[None, :], float("-inf"))
+            _store_topk(ids, _topk_weights(vals, TOP_K, K_PAD), ids_ptr, w_ptr, 1, 0, 2, TOP_K, K_PAD)
         e = tl.sum(tl.where(rank == pid_m, offs, 0), axis=0)
     else:
         ids, w = _topk_softmax(logits_ptr, 0, 1, E, 0, 2, E_PAD, TOP_K, K_PAD)  # [2, K_PAD], row 1 padding

@@ -100,12 +100,18 @@ def _topk_softmax(logits_ptr, stride_t, T, E, t0,
         vals = tl.where(kcol == j, m[:, None], vals)
         ids = tl.where(kcol == j, idx[:, None], ids)
         lg = tl.where(offs_e[None, :] == idx[:, None], float("-inf"), lg)
-    # softmax over the k chosen logits; the first column holds the largest
+    return ids, _topk_weights(vals, TOP_K, K_PAD)
+
+
+@triton.jit
+def _topk_weights(vals, TOP_K: tl.constexpr, K_PAD: tl.constexpr):
+    """The routing weights: softmax over each row's k chosen logits vals [rows, K_PAD] (columns past
+    TOP_K: junk, weight 0)."""
+    kcol = tl.arange(0, K_PAD)[None, :]
     first = tl.max(vals, axis=1)
     first = tl.where(first > float("-inf"), first, 0.0)  # padding rows: no -inf - -inf
     p = tl.where(kcol < TOP_K, tl.exp(vals - first[:, None]), 0.0)
-    w = p / tl.maximum(tl.sum(p, axis=1), 1e-30)[:, None]
-    return ids, w
+    return p / tl.maximum(tl.sum(p, axis=1), 1e-30)[:, None]
 
 
 @triton.jit
