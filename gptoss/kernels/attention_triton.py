@@ -246,7 +246,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_
 
 
 @triton.jit
-def _rope_kv_decode(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
+def _rope_kv_decode(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
                     t, t_real, kvh, heads, qmask, write, stride_qt, stride_qh, stride_kt, stride_kh,
                     stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
                     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
@@ -262,7 +262,6 @@ def _rope_kv_decode(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc
     q1, q2 = _rotate(q1, q2, c, s, q_ptr.dtype.element_ty)
     q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_H, D))  # [q1 | q2] per head
     if write:
-        slot = tl.load(slot_ptr + t).to(tl.int64)
         h = kvh + tl.zeros([1], tl.int32)  # the write helpers take rows of heads: one row here
         one = h >= 0
         k1, k2 = _load_halves(k_ptr + t * stride_kt, h * stride_kh, one[:, None], D)
@@ -317,10 +316,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
     t_real = t < t_end
     t = t.to(tl.int64)
     if ROPE_KV:
-        write = t_real & (end == seq_len) & (start < end)
-        if write:
-            write = tl.load(slot_ptr + t) >= 0  # a graph's padding row writes nowhere
-        q = _rope_kv_decode(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, ks_ptr,
+        slot = tl.load(slot_ptr + tl.where(t_real, t, 0)).to(tl.int64)  # a padding sequence has no token t
+        write = t_real & (end == seq_len) & (start < end) & (slot >= 0)  # slot < 0: a graph's padding row
+        q = _rope_kv_decode(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot, kc_ptr, vc_ptr, ks_ptr,
                             vs_ptr, t, t_real, kvh, heads, qmask, write, stride_qt, stride_qh, stride_kt, stride_kh,
                             stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
                             BLOCK_SIZE, BLOCK_H, D, FP8)
