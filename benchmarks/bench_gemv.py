@@ -28,7 +28,7 @@ from gptoss.kernels.gemv import GemvOptions, linear_rows, linear_rows_torch  # n
 SHAPES = {"qkv": (5120, 2880), "o": (2880, 4096), "router": (32, 2880)}  # (N, K) of gpt-oss-20b
 OPTIONS = [GemvOptions(2, 1024, 4, 2),
            GemvOptions(16, 512, 4, 2), GemvOptions(8, 1024, 4, 2), GemvOptions(4, 1024, 4, 2),
-           GemvOptions(2, 1024, 4, 2), GemvOptions(4, 2048, 8, 2), GemvOptions(2, 2048, 4, 2),
+           GemvOptions(4, 2048, 8, 2), GemvOptions(2, 2048, 4, 2),
            GemvOptions(4, 1024, 2, 2), GemvOptions(8, 2048, 8, 2), GemvOptions(1, 2048, 4, 2),
            GemvOptions(2, 512, 2, 2), GemvOptions(1, 1024, 4, 2), GemvOptions(1, 512, 4, 2),
            GemvOptions(1, 512, 2, 3), GemvOptions(1, 256, 1, 3),

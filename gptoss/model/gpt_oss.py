@@ -81,7 +81,8 @@ class AttentionBlock(nn.Module):
         """(residual stream, the previous block's output not yet added, in any float dtype) -> the
         same pair after this block: the add is folded into this block's norm."""
         ctx = get_forward_context()
-        # (the norm inside the qkv GEMV, as the router's, measured no faster: 2.181 vs 2.182 ms a token)
+        # (the norm inside the qkv GEMV, as the router's, measured slower: 2.082 vs 2.015 ms a token, H100,
+        # every qkv program normalising the row again; docs/benchmarks.md)
         t, x = self.norm(x, delta) if delta is not None else (self.norm(x), x)
         with stage("attn.qkv"):
             if GEMV_QKV and _gemv_ok(t, self.qkv_weight):
