@@ -1,18 +1,24 @@
-"""Is the one-token MoE bound by DRAM or by the SMs? Times the "fragments" gate_up and down GEMMs of
-the 20b layer at one token (the fragments_config tiles) three ways, on an H100:
+"""Is the one-token MoE bound by DRAM or by the SMs? Times the one-token gate_up and down GEMMs of
+the 20b layer, moe_gemm's ("fragments" tiles of fragments_config) and moe_token's (its default
+options), on an H100:
 
 - cold: 4 layers with their own weights per timed graph, as in the model (no layer finds its
   weights in L2);
 - hot: one layer's weights 4 times over, so they come from L2 (gate_up's 35 MB and down's 18 MB of
   four experts fit an H100's 50 MB);
-- load-only: a kernel that streams gate_up's bytes over the same grid (expert tiles x 64-row
-  strips x 4 K splits) and does no math: what the memory system gives this grid.
+- load-only: moe_gemm's grid streaming gate_up's bytes with no math; with --token-load-only,
+  moe_token's kernels with the MMA asm swapped for XORs of the same loads (the swap has to happen
+  before the kernels compile, so it is a run of its own).
 
     python scripts/moe_decode_probe.py
+    python scripts/moe_decode_probe.py --token-load-only
+    python scripts/moe_decode_probe.py --sweep        # moe_token's options, cold
 
 Medians of CUDA-graph replays with programmatic dependent launch, microseconds a layer.
 """
+import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -23,9 +29,10 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 from bench_moe import distinct_logits, prepared_layers  # noqa: E402
 
+from gptoss.kernels import moe_token as TK  # noqa: E402
 from gptoss.kernels import pdl  # noqa: E402
 from gptoss.kernels.moe_gemm import moe_down, moe_gate_up  # noqa: E402
-from gptoss.kernels.moe_routing import RoutingOptions, moe_routing  # noqa: E402
+from gptoss.kernels.moe_routing import RoutingOptions, inline_routing, moe_routing  # noqa: E402
 from gptoss.moe.base import MoESpec  # noqa: E402
 from gptoss.moe.triton_backends import fragments_config  # noqa: E402
 
@@ -47,7 +54,27 @@ def _load_only(w_ptr, tile_expert_ptr, out_ptr, stride_we, stride_wn, row_bytes,
     tl.store(out_ptr + tl.program_id(1), tl.sum(tl.sum(acc, 1), 0))  # keeps the loads alive
 
 
+# --token-load-only: the loads, XORed together into one sum register, and nothing else
+_LOAD_ONLY_ASM = """{
+.reg .b32 t0;
+xor.b32 t0, $4, $5; xor.b32 t0, t0, $6; xor.b32 t0, t0, $7; xor.b32 t0, t0, $8; xor.b32 t0, t0, $12;
+xor.b32 t0, t0, $16; and.b32 t0, t0, 1;
+add.f32 $0, $20, t0; mov.b32 $1, $21; mov.b32 $2, $22; mov.b32 $3, $23;
+}"""
+
+SWEEP_UP = [(4, 1, 1, 0, 1), (4, 1, 1, 2, 1), (4, 1, 1, 1, 2), (8, 1, 1, 1, 2), (8, 1, 1, 2, 2), (4, 2, 1, 1, 2),
+            (8, 1, 1, 2, 4), (8, 2, 1, 1, 2)]
+SWEEP_DOWN = [(4, 1, 3, 2, 1), (4, 1, 5, 2, 1), (4, 1, 1, 1, 2), (4, 1, 2, 1, 2), (4, 1, 3, 2, 2), (4, 1, 1, 1, 4),
+              (4, 1, 2, 1, 4), (4, 1, 2, 2, 4), (8, 1, 2, 1, 4), (16, 1, 1, 1, 8)]
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--token-load-only", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    if args.token_load_only:
+        TK._MMA_ASM = tl.constexpr(_LOAD_ONLY_ASM)
     spec = MoESpec(32, 4, 2880, 2880)
     cfg = fragments_config(1, spec)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -79,14 +106,40 @@ def main():
 
     def t(fn):
         with pdl.enabled(True):
-            return do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3 / 4
+            return statistics.median(do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3 / 4
+                                     for _ in range(5))
+
+    ri = inline_routing(distinct_logits(1, 32, g, "cuda"), 4, 0, 32)
+    a_tok = TK.token_gate_up(x, ri, layers[0][0], layers[0][2], 1.702, 7.0, zero=out)
+
+    def tup(ls, o=None):
+        return lambda: [TK.token_gate_up(x, ri, l[0], l[2], 1.702, 7.0, o, zero=out) for l in ls]
+
+    def tdown(ls, o=None):
+        return lambda: [TK.token_down(a_tok, ri, l[1], l[3], out, o) for l in ls]
 
     mb_up = 4 * (5760 * 2880 // 2 + 5760 * 2880 // 32) / 1e6
     mb_dn = 4 * (2880 * 2880 // 2 + 2880 * 2880 // 32) / 1e6
-    rows = [("gate_up", "cold", t(up(layers)), mb_up), ("gate_up", "hot (L2)", t(up([layers[0]] * 4)), mb_up),
-            ("gate_up bytes", "load-only, same grid", t(load_only(layers)), mb_up),
-            ("down", "cold", t(down(layers)), mb_dn), ("down", "hot (L2)", t(down([layers[0]] * 4)), mb_dn)]
-    print(f"{torch.cuda.get_device_name()}, one token, gate_up {cfg.gate_up}, down {cfg.down}")
+    hot = [layers[0]] * 4
+    if args.sweep:
+        rows = [(f"moe_token gate_up {TK.TokenOptions(*o)}", "cold", t(tup(layers, TK.TokenOptions(*o))), mb_up)
+                for o in SWEEP_UP]
+        rows += [(f"moe_token down {TK.TokenOptions(*o)}", "cold", t(tdown(layers, TK.TokenOptions(*o))), mb_dn)
+                 for o in SWEEP_DOWN]
+    elif args.token_load_only:
+        rows = [("moe_token gate_up", "load-only, cold", t(tup(layers)), mb_up),
+                ("moe_token gate_up", "load-only, hot (L2)", t(tup(hot)), mb_up),
+                ("moe_token down", "load-only, cold", t(tdown(layers)), mb_dn),
+                ("moe_token down", "load-only, hot (L2)", t(tdown(hot)), mb_dn)]
+    else:
+        rows = [("moe_gemm gate_up", "cold", t(up(layers)), mb_up), ("moe_gemm gate_up", "hot (L2)", t(up(hot)), mb_up),
+                ("moe_gemm gate_up bytes", "load-only, same grid", t(load_only(layers)), mb_up),
+                ("moe_gemm down", "cold", t(down(layers)), mb_dn), ("moe_gemm down", "hot (L2)", t(down(hot)), mb_dn),
+                ("moe_token gate_up", "cold", t(tup(layers)), mb_up),
+                ("moe_token gate_up", "hot (L2)", t(tup(hot)), mb_up),
+                ("moe_token down", "cold", t(tdown(layers)), mb_dn), ("moe_token down", "hot (L2)", t(tdown(hot)), mb_dn)]
+    print(f"{torch.cuda.get_device_name()}, one token; moe_gemm gate_up {cfg.gate_up}, down {cfg.down}; "
+          f"moe_token gate_up {TK.GATE_UP_OPTIONS}, down {TK.DOWN_OPTIONS}")
     print("| GEMM | weights | us | TB/s |")
     print("|---|---|---|---|")
     for name, how, us, mb in rows:

@@ -393,6 +393,57 @@ def test_inline_routing_matches_routed_gemms(interp, start, n_local, E):
         G.moe_gate_up_torch(x, r, w1, b1, "bf16", 1.702, 7.0, o)
 
 
+def check_token_kernels(G, R, T_, g, device, E, start, n_local, H, I, opts, tol):
+    """moe_token's GEMMs at one token against the twins on moe_routing_torch's grouped rows: the
+    top-k (a tie for first place: the lower index), a [k, I] by slot, out [1, H]; an EP rank skips
+    the other rank's experts."""
+    k = 4
+    w = slice_weights(random_weights(MoESpec(E, k, H, I), g, device), experts=slice(start, start + n_local))
+    x = torch.randn(1, H, generator=g, device=device).bfloat16()
+    lg = distinct_logits(1, E, g, device)
+    lg[0, start + n_local - 1] = lg.max() + 0.5  # third: a local expert on every rank
+    lg[0, 5] = lg[0, 2] = lg.max() + 1  # a tie for first place: expert 2 before 5
+    w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2", True)
+    w2 = G.prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, "bf16x2", True)
+    assert T_.supported(w1) and T_.supported(w2)
+    b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
+    ref = R.moe_routing_torch(lg, k, start, n_local, R.RoutingOptions(block_m=16))
+    a_ref, _ = G.moe_gate_up_torch(x, ref, w1, b1, "bf16", 1.702, 7.0, G.GemmOptions())
+    y_ref = G.moe_down_torch(a_ref, None, ref, w2, b2, "bf16", G.GemmOptions(), start, n_local, True, torch.float32)
+    local = [j for j in range(k) if ref.assign_pos[j] >= 0]
+    for up_opts, down_opts in opts:
+        r = R.inline_routing(lg, k, start, n_local)
+        out = torch.full((1, H), float("nan"), device=device)
+        a = T_.token_gate_up(x, r, w1, b1, 1.702, 7.0, up_opts, zero=out)
+        assert torch.equal(r.topk_ids, ref.topk_ids) and r.topk_ids[0, 0] == 2 and r.topk_ids[0, 1] == 5
+        torch.testing.assert_close(r.topk_weights, ref.topk_weights, atol=1e-6, rtol=1e-5)
+        em, er = errors(a[local], a_ref[ref.assign_pos[local].long()])
+        assert em < tol[0] and er < tol[1], (up_opts, em, er)
+        y = T_.token_down(a, r, w2, b2, out, down_opts)
+        assert y is out
+        em, er = errors(y, y_ref)
+        assert em < tol[0] and er < tol[1], (down_opts, em, er)
+
+
+@pytest.mark.parametrize("start,n_local,E,H,I", [(0, 8, 8, 64, 64), (4, 4, 8, 192, 96), (8, 16, 40, 128, 320)])
+def test_token_kernels_match_twins(interp, start, n_local, E, H, I):
+    # the interpreter runs moe_token's plain-Triton twin of its asm; the options cover warps sharing
+    # a row group's chunks (an uneven share: TAIL), several row groups a warp, prefetch 0-2, the down
+    # GEMM split over programs, row groups past N (the masked path) and K not a multiple of 64 (96, 320)
+    from gptoss.kernels import moe_token as T_
+    O = T_.TokenOptions
+    opts = [(O(), O(split_k=2)), (O(4, 1, 1, 2, 2), O(4, 1, 3, 1, 4)), (O(2, 2, 1, 0, 1), O(8, 2, 2, 2, 2)),
+            (O(8, 1, 1, 1, 8), O(1, 1, 5, 1, 1))]
+    check_token_kernels(interp.gemm, interp.routing, T_, torch.Generator().manual_seed(41 + I), "cpu", E, start,
+                        n_local, H, I, opts, (4e-3, 5e-4))
+    w = slice_weights(random_weights(MoESpec(8, 4, 64, 64), torch.Generator().manual_seed(1)))
+    big = interp.gemm.prepare_mxfp4_weight(w.down_blocks, w.down_scales * 0 + 200, 0, False, "bf16x2", True)
+    assert not T_.supported(big)  # a scale past 128 needs two multiplies: moe_gemm's kernels take it
+    r = interp.routing.inline_routing(torch.randn(1, 8).bfloat16(), 4, 0, 8)
+    with pytest.raises(ValueError, match="every block scale <= 128"):
+        T_.token_down(torch.zeros(4, 64).bfloat16(), r, big, None, torch.zeros(1, 64))
+
+
 def test_split_k_workspace_grows_and_keeps_the_outgrown():
     """The backends' shared workspace grows when a step needs more (a short prompt's prefill after the
     decode graphs were captured) and keeps the outgrown one alive: graphs replay with its address."""
@@ -617,6 +668,20 @@ def test_fragments_match_twins_gpu(T, block_m):
     # scales past 128: the upcast's two-multiply mode
     check_fragments(G, R, torch.Generator(device="cuda").manual_seed(T + 2), "cuda", T, block_m, opts[:1],
                     E=32, k=4, H=2880, I=2880, tol=(5e-3, 5e-4), scale_shift=12)
+
+
+@pytest.mark.gpu
+def test_token_kernels_match_twins_gpu():
+    # the asm on sm_90: the 20b layer, the 120b's 128 experts on an EP rank, a TP rank's K = 1440
+    from gptoss.kernels import moe_gemm as G
+    from gptoss.kernels import moe_routing as R
+    from gptoss.kernels import moe_token as T_
+    O = T_.TokenOptions
+    opts = [(None, None), (O(), O(split_k=2)), (O(4, 1, 1, 2, 2), O(4, 1, 3, 1, 4)),
+            (O(8, 2, 1, 0, 4), O(2, 2, 2, 2, 2))]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for E, start, n_local, H, I in ((32, 0, 32, 2880, 2880), (128, 32, 32, 2880, 2880), (32, 0, 32, 2880, 1440)):
+        check_token_kernels(G, R, T_, g, "cuda", E, start, n_local, H, I, opts, (5e-3, 5e-4))
 
 
 @pytest.mark.gpu

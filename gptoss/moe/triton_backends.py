@@ -21,6 +21,7 @@ import torch
 from ..kernels.moe_gemm import INTERPRETED, GemmOptions, gate_up_workspace_size, moe_down, moe_gate_up, row_absmax
 from ..kernels.moe_weights import prepare_mxfp4_weight
 from ..kernels.moe_routing import RoutingOptions, inline_routing, moe_routing
+from ..kernels import moe_token
 from ..profiling import stage
 from .base import MoEBackend, MoESpec, MoEWeights
 from .registry import register_moe_backend
@@ -28,6 +29,8 @@ from .registry import register_moe_backend
 # one token (batch-1 decode): no routing kernel, moe_gate_up routes the token itself (H100, 20b:
 # the routing kernel cost 2-3 us a layer in the decode step)
 INLINE_ROUTING = True
+# one token on "fragments" weights: gptoss.kernels.moe_token's mma.sync GEMMs instead of moe_gemm's
+TOKEN_KERNELS = True
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,13 @@ class _TritonMoE(MoEBackend):
         self.b1 = weights.gate_up_bias.float().contiguous()
         self.b2 = weights.down_bias.float().contiguous() if spec.add_down_bias else None
         self._config = config
+        self._token = (self.act == "bf16" and dtype == torch.bfloat16 and moe_token.supported(self.w1)
+                       and moe_token.supported(self.w2))
+
+    @property
+    def _token_kernels(self) -> bool:
+        """One token goes to gptoss.kernels.moe_token (unless a config was given, or switched off)."""
+        return TOKEN_KERNELS and self._token and self._config is None
 
     # split-K gate_up workspaces (zero between calls: the kernel clears what it used), one per device,
     # shared by the layers, which run one after another on the device's stream. One outgrown stays
@@ -195,6 +205,13 @@ class _TritonMoE(MoEBackend):
             route = inline_routing if INLINE_ROUTING and x.shape[0] == 1 else moe_routing
             routing = route(router_logits, spec.top_k, spec.expert_start, spec.local_experts,
                             RoutingOptions(block_m=cfg.block_m))
+        if routing.logits is not None and self._token_kernels:
+            out = torch.empty(1, self.w2.n, dtype=torch.float32, device=x.device)
+            with stage("moe.w1"):
+                a = moe_token.token_gate_up(x, routing, self.w1, self.b1, spec.swiglu_alpha, spec.swiglu_limit,
+                                            zero=out)
+            with stage("moe.w2"):
+                return moe_token.token_down(a, routing, self.w2, self.b2, out)
         # no memset between the kernels: gate_up's split-K workspace is kept zero by the kernel itself,
         # and gate_up zeroes the fused combine's output on its way
         workspace = self._workspace(gate_up_workspace_size(routing, self.w1, cfg.gate_up), x.device)

@@ -1,0 +1,361 @@
+"""The MoE GEMMs of one token (batch-1 decode) on mma.sync: warps stream whole 16-row groups of an
+expert's "fragments" weights (gptoss.kernels.moe_weights) over K, with no shared memory on the way, no
+64 x 16 tiles of which one column is real, and no split-K workspace in gate_up.
+
+    a = token_gate_up(x, routing, w1, b1, alpha, limit, zero=out)    # [k, I]: row j the j-th expert
+    token_down(a, routing, w2, b2, out)                              # out [1, H] float32 +=
+
+`routing` is `inline_routing`'s (gate_up finds the token's top-k from the logits, as moe_gemm's does,
+and writes topk_ids / topk_weights for down); w1 / w2 "fragments" weights whose block scales all fit
+one multiply (`MXFP4Weight.upcast_mode == 2`: scales <= 128, true of the random checkpoints and, by
+their magnitudes, of gpt-oss's). `supported(w)` says whether a backend may call these; the "triton"
+backend does at one token (`moe.triton_backends.TOKEN_KERNELS`).
+
+How: a lane's 16 bytes of a 64-deep K chunk are one vector load (the fragments layout puts them
+together) holding four k16 steps of its rows g and g + 8; each 4-byte word becomes an A fragment by
+moe_gemm's bf16x2 upcast and one mul.bf16x2 by 2^(s-1) a pair, then one m16n8k16 MMA. The B fragment
+is x for all 8 columns, so every lane ends holding its two rows' sums (lane l = 4g + t: rows 16G + g
+and 16G + g + 8; its B registers in chunk C are x's bf16 pairs 32C + 8q + t and 32C + 8q + 4 + t).
+`k_warps` warps of a program share a row group, each taking every k_warps-th chunk, and meet in a
+cross-warp sum: more warps an SM keep more loads in flight (the weights come from DRAM once).
+
+Measured (H100, 20b layer, 4 layers a timed graph, `python scripts/moe_decode_probe.py`): gate_up
+21.1 us against moe_gemm's 21.2, down 9.8 against 10.8; in the whole batch-1 step 1.963 vs 2.046 ms a
+token (`python scripts/ab_decode.py --switch moe.triton_backends.TOKEN_KERNELS --batch 1`). Streaming
+the same bytes without the math takes 16.1 us for gate_up (2.2 TB/s) and the math with the weights
+in L2 18.6 us: both the access pattern (128 bytes of each of 4 rows a chunk) and the upcast's
+integer work bound it.
+
+Triton lays the asm's [lanes, 4] operands one row a thread (checked on sm_90: the GPU tests in
+tests/test_moe_backends.py run the kernels against the twins). The interpreter has no inline asm:
+`_mma_chunk_tl` does the same sums in plain Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import pdl
+from .moe_gemm import INTERPRETED, _bf16_of, _inline_rows, _inline_topk, _store_cast
+from .moe_routing import Routing
+from .moe_weights import MXFP4Weight
+from .pdl import pdl_enter
+
+
+@dataclass(frozen=True)
+class TokenOptions:
+    num_warps: int = 4      # warps a program
+    row_groups: int = 1     # 16-row groups a warp streams side by side (they share the x loads)
+    split_k: int = 1        # K chunks split over programs (down only: its output takes atomics)
+    prefetch: int = 1       # K chunks of weights loaded ahead in registers (0-2)
+    k_warps: int = 1        # warps of a program that share a row group's K chunks (divides num_warps)
+
+
+# the fastest of `python scripts/moe_decode_probe.py --sweep` on H100 (20b layer): gate_up 8 warps, pairs
+# sharing a row group's K, 2 chunks ahead (21.1 us; 26.1 with one warp a row group); down 4 warps on one
+# row group's K and 2 programs a row group (9.8 us; 15.5 with one warp and 3 programs)
+GATE_UP_OPTIONS = TokenOptions(num_warps=8, prefetch=2, k_warps=2)
+DOWN_OPTIONS = TokenOptions(num_warps=4, split_k=2, prefetch=1, k_warps=4)
+
+
+def _mma_asm() -> str:
+    """Inline PTX of one K chunk of one row group: operands $0-3 the sums out (c0..c3), $4-7 the four
+    bf16x2-encoded words (k16 steps q = 0..3), $8 the scale word ($9-11 copies), $12-15 / $16-19 the
+    B registers of the four steps, $20-23 the sums in. A scale word's bytes are (block 0, row g),
+    (block 0, row g + 8), (block 1, row g), (block 1, row g + 8): 2^(s-1) as bf16 is (s + 126) << 7,
+    spread to both halves by prmt."""
+    lines = [".reg .b32 t0, t1, t2, a0, a1, a2, a3, sg0, sh0, sg1, sh1;"]
+    for name, sel in (("sg0", "0x4040"), ("sh0", "0x4141"), ("sg1", "0x4242"), ("sh1", "0x4343")):
+        lines += [f"prmt.b32 {name}, $8, 0, {sel};", f"mad.lo.u32 {name}, {name}, 128, 0x3F003F00;"]
+    for q in range(4):
+        w, sg, sh = f"${4 + q}", f"sg{q // 2}", f"sh{q // 2}"
+        acc_in = "{$20, $21, $22, $23}" if q == 0 else "{$0, $1, $2, $3}"
+        lines += [  # moe_gemm._upcast_bf16x2: a0 = codes k0, k1 (row g), a2 = k4, k5 (row g), a1 = k2, k3 and
+                    # a3 = k6, k7 (row g + 8)
+            f"and.b32 a0, {w}, 0x81C081C0;", f"shl.b32 t0, {w}, 3;", "and.b32 a2, t0, 0x81C081C0;",
+            f"shl.b32 t0, {w}, 6;", "and.b32 a1, t0, 0x81C081C0;",
+            f"shl.b32 t0, {w}, 1;", "and.b32 t0, t0, 0x80008000;", f"shr.b32 t1, {w}, 3;",
+            "and.b32 t1, t1, 0x01800180;", f"shr.b32 t2, {w}, 7;", "and.b32 t2, t2, 0x00400040;",
+            "or.b32 t0, t0, t1;", "or.b32 a3, t0, t2;",
+            f"mul.bf16x2 a0, a0, {sg};", f"mul.bf16x2 a2, a2, {sg};",
+            f"mul.bf16x2 a1, a1, {sh};", f"mul.bf16x2 a3, a3, {sh};",
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {a0, a1, a2, a3}, "
+            f"{{${12 + q}, ${16 + q}}}, {acc_in};"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_MMA_ASM = tl.constexpr(_mma_asm())
+
+
+@triton.jit
+def _mma_chunk_tl(acc, w, sc, xa, xb, NW: tl.constexpr, RG: tl.constexpr):
+    """The asm's sums in plain Triton: w [R, RG, 4] words, sc [R, RG] scale words, xa / xb [R, 4] B
+    words, acc [R, RG, 4]. Lane (g, t) of step q multiplies row g's codes 2t, 2t+1 (a0) and 2t+8, 2t+9
+    (a2) by its B pairs, row g + 8's (a1, a3) likewise; the warp's four lanes t of a g add up."""
+    M: tl.constexpr = 0x81C081C0
+    w = w.to(tl.uint32, bitcast=True)
+    sc = sc.to(tl.uint32, bitcast=True)
+    xa = xa.to(tl.uint32, bitcast=True)
+    xb = xb.to(tl.uint32, bitcast=True)
+    a0 = w & M
+    a2 = (w << 3) & M
+    a1 = (w << 6) & M
+    a3 = ((w << 1) & 0x80008000) | ((w >> 3) & 0x01800180) | ((w >> 7) & 0x00400040)
+    # 2^(s - 1): the raw bf16 is code x 2^-126, the weight code x 2^(s - 127) (exact in fp32, as in bf16)
+    sg0 = (((sc & 255) + 126) << 23).to(tl.float32, bitcast=True)[:, :, None]
+    sh0 = ((((sc >> 8) & 255) + 126) << 23).to(tl.float32, bitcast=True)[:, :, None]
+    sg1 = ((((sc >> 16) & 255) + 126) << 23).to(tl.float32, bitcast=True)[:, :, None]
+    sh1 = ((((sc >> 24) & 255) + 126) << 23).to(tl.float32, bitcast=True)[:, :, None]
+    q = tl.arange(0, 4)[None, None, :]
+    sg = tl.where(q < 2, sg0, sg1)
+    sh = tl.where(q < 2, sh0, sh1)
+    xa3 = xa[:, None, :]
+    xb3 = xb[:, None, :]
+    pg = ((_bf16_of(a0, False) * sg) * _bf16_of(xa3, False) + (_bf16_of(a0, True) * sg) * _bf16_of(xa3, True)
+          + (_bf16_of(a2, False) * sg) * _bf16_of(xb3, False) + (_bf16_of(a2, True) * sg) * _bf16_of(xb3, True))
+    ph = ((_bf16_of(a1, False) * sh) * _bf16_of(xa3, False) + (_bf16_of(a1, True) * sh) * _bf16_of(xa3, True)
+          + (_bf16_of(a3, False) * sh) * _bf16_of(xb3, False) + (_bf16_of(a3, True) * sh) * _bf16_of(xb3, True))
+    vg = tl.sum(tl.sum(tl.reshape(pg, (NW, 8, 4, RG, 4)), axis=4), axis=2)  # [NW, 8, RG]
+    vh = tl.sum(tl.sum(tl.reshape(ph, (NW, 8, 4, RG, 4)), axis=4), axis=2)
+    vg = tl.reshape(tl.broadcast_to(vg[:, :, None, :], (NW, 8, 4, RG)), (NW * 32, RG))
+    vh = tl.reshape(tl.broadcast_to(vh[:, :, None, :], (NW, 8, 4, RG)), (NW * 32, RG))
+    # c0, c1: row g; c2, c3: row g + 8
+    return acc + tl.reshape(tl.join(tl.join(vg, vh), tl.join(vg, vh)), (NW * 32, RG, 4))
+
+
+@triton.jit
+def _mma_chunk(acc, w, sc, xa, xb, NW: tl.constexpr, RG: tl.constexpr, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        return _mma_chunk_tl(acc, w, sc, xa, xb, NW, RG)
+    R: tl.constexpr = NW * 32
+    return tl.inline_asm_elementwise(
+        asm=_MMA_ASM, constraints="=f,=f,=f,=f," + "r," * 16 + "f,f,f,f",
+        args=[w, tl.broadcast_to(sc[:, :, None], (R, RG, 4)), tl.broadcast_to(xa[:, None, :], (R, RG, 4)),
+              tl.broadcast_to(xb[:, None, :], (R, RG, 4)), acc],
+        dtype=tl.float32, is_pure=True, pack=4)
+
+
+@triton.jit
+def _load_chunk(w32, s32, w_row, s_row, g_ok, cr, MASK: tl.constexpr):
+    """The weight words [R, RG, 4] and scale words [R, RG] of each row's chunk cr [R, 1] (MASK: zeros for
+    the row groups g_ok leaves out)."""
+    q = tl.arange(0, 4)
+    w_off = w_row + 32 * cr
+    s_off = s_row + 2 * cr
+    if MASK:
+        w = tl.load(w32 + w_off[:, :, None] + q[None, None, :], mask=g_ok[:, :, None], other=0)
+        s = tl.load(s32 + s_off, mask=g_ok, other=0)
+    else:
+        w = tl.load(w32 + w_off[:, :, None] + q[None, None, :])
+        s = tl.load(s32 + s_off)
+    return w, s
+
+
+@triton.jit
+def _row_sums(x32, w_ptr, ws_ptr, K, G0, n_groups, c_lo, c_hi, stride_wn, stride_sn,
+              NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, PF: tl.constexpr, MASK: tl.constexpr,
+              TAIL: tl.constexpr, INTERPRET: tl.constexpr):
+    """The sums of rows 16G .. 16G + 15 of the program's NW / KS * RG row groups G = G0 + RG * (warp // KS)
+    + i over K chunks c_lo .. c_hi: [NW / KS, RG, 16] fp32 (row 16G + n at [.., n]). The KS warps of a
+    row group take every KS-th chunk and meet in a cross-warp sum at the end (more warps an SM keep
+    more loads in flight). MASK: groups past n_groups or K past the weights' own exist; TAIL: the
+    chunks do not divide by KS (a warp past c_hi reloads chunk c_hi - 1 and multiplies it by x = 0)."""
+    R: tl.constexpr = NW * 32
+    r = tl.arange(0, R)
+    lane = r % 32
+    t = lane % 4
+    G = G0 + RG * (r // (32 * KS))[:, None] + tl.arange(0, RG)[None, :]  # [R, RG]
+    g_ok = G < n_groups
+    G = tl.where(g_ok, G, 0)
+    # fragments layout: lane 4(2p + s) + t reads stored row 4G + p, bytes 64s + 16t of each 128-byte chunk
+    srow = (4 * G + lane[:, None] // 8).to(tl.int64)
+    s_bit = (lane[:, None] // 4) % 2
+    w_row = (srow * stride_wn + 64 * s_bit + 16 * t[:, None]) // 4
+    s_row = (srow * stride_sn + 4 * s_bit) // 4
+    c0 = (c_lo + (r // 32) % KS)[:, None]  # [R, 1]: the warp's first chunk
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    s32 = ws_ptr.to(tl.pointer_type(tl.int32))
+    q = tl.arange(0, 4)
+    acc = tl.zeros((R, RG, 4), tl.float32)
+    n_it = tl.cdiv(c_hi - c_lo, KS)
+    last = tl.maximum(n_it - 1, 0)
+    top = c_hi - 1
+    if PF >= 1:
+        w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0, top), MASK)
+    if PF >= 2:
+        w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * tl.minimum(1, last), top), MASK)
+    for it in range(0, n_it):
+        if PF == 0:
+            w, s = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * it, top), MASK)
+        elif PF == 1:
+            w, s = w1, s1
+            w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * tl.minimum(it + 1, last), top),
+                                 MASK)
+        else:
+            w, s = w1, s1
+            w1, s1 = w2, s2
+            w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * tl.minimum(it + 2, last), top),
+                                 MASK)
+        c = c0 + KS * it  # [R, 1]
+        kw = 32 * tl.minimum(c, top) + t[:, None] + 8 * q[None, :]  # [R, 4] x's bf16 pairs of the four k16 steps
+        if MASK:  # x past K (the codes there are zero padding) or past c_hi (a reloaded chunk)
+            x_ok = (kw < K // 2) & (c < c_hi)
+            xa = tl.load(x32 + kw, mask=x_ok, other=0)
+            xb = tl.load(x32 + kw + 4, mask=x_ok & (kw + 4 < K // 2), other=0)
+        elif TAIL:
+            xa = tl.load(x32 + kw, mask=c < c_hi, other=0)
+            xb = tl.load(x32 + kw + 4, mask=c < c_hi, other=0)
+        else:
+            xa = tl.load(x32 + kw)
+            xb = tl.load(x32 + kw + 4)
+        acc = _mma_chunk(acc, w, s, xa, xb, NW, RG, INTERPRET)
+    # lanes t of a g hold the same sums: take t == 0's c0 (row g) and c2 (row g + 8)
+    v = tl.reshape(acc, (NW, 8, 4, RG, 2, 2))  # warp, g, t, group, h, c % 2
+    v = tl.sum(tl.where((tl.arange(0, 4) == 0)[None, None, :, None, None, None], v, 0.0), axis=2)
+    v = tl.sum(tl.where((tl.arange(0, 2) == 0)[None, None, None, None, :], v, 0.0), axis=4)  # [NW, 8, RG, 2]
+    v = tl.reshape(tl.permute(v, (0, 2, 3, 1)), (NW // KS, KS, RG, 16))
+    return tl.sum(v, axis=1)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, a_ptr, zero_ptr, n_zero, w_ptr, ws_ptr, b_ptr, logits_ptr, ids_ptr, topk_w_ptr,
+                    E, expert_start, E_LOCAL, K, N, n_chunks, stride_we, stride_wn, stride_se, stride_sn,
+                    alpha, limit, TOP_K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                    NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, PF: tl.constexpr, MASK: tl.constexpr,
+                    TAIL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
+    j = tl.program_id(0)
+    pid = tl.program_id(1)
+    if n_zero > 0:  # the down GEMM's float32 output, which its atomics add into
+        if (j == 0) & (pid == 0):
+            for z in range(0, n_zero, 1024):
+                offs = z + tl.arange(0, 1024)
+                tl.store(zero_ptr + offs, tl.zeros((1024,), tl.float32), mask=offs < n_zero)
+    e = _inline_topk(logits_ptr, ids_ptr, topk_w_ptr, E, j, (j == 0) & (pid == 0), TOP_K, E_PAD, K_PAD)
+    e, _, _ = _inline_rows(e, j, expert_start, E_LOCAL, 1)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    G0 = pid * (NW // KS) * RG
+    n_groups = N // 16
+    h = _row_sums(x_ptr.to(tl.pointer_type(tl.int32)), w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, K, G0,
+                  n_groups, 0, n_chunks, stride_wn, stride_sn, NW, RG, KS, PF, MASK, TAIL, INTERPRET)
+    G = G0 + RG * tl.arange(0, NW // KS)[:, None, None] + tl.arange(0, RG)[None, :, None]
+    n = 16 * G + tl.arange(0, 16)[None, None, :]
+    ok = n < N
+    h += tl.load(b_ptr + e64 * N + n, mask=ok, other=0.0)
+    gate, up = tl.split(tl.reshape(h, (NW // KS, RG, 8, 2)))  # weight rows alternate gate, up
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    act = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+    i = 8 * G + tl.arange(0, 8)[None, None, :]
+    tl.store(a_ptr + j * (N // 2) + i, _store_cast(act, a_ptr, INTERPRET), mask=i < N // 2)
+
+
+@triton.jit
+def _down_kernel(a_ptr, out_ptr, w_ptr, ws_ptr, b_ptr, ids_ptr, topk_w_ptr, expert_start, E_LOCAL,
+                 K, N, chunks_per_split, n_chunks, stride_we, stride_wn, stride_se, stride_sn,
+                 HAS_BIAS: tl.constexpr, NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, PF: tl.constexpr,
+                 MASK: tl.constexpr, TAIL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
+    j = tl.program_id(0)
+    pid = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    e, _, _ = _inline_rows(tl.load(ids_ptr + j), j, expert_start, E_LOCAL, 1)
+    if e < 0:
+        return
+    e64 = e.to(tl.int64)
+    G0 = pid * (NW // KS) * RG
+    c_lo = pid_k * chunks_per_split
+    c_hi = tl.minimum(c_lo + chunks_per_split, n_chunks)
+    y = _row_sums((a_ptr + j * K).to(tl.pointer_type(tl.int32)), w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se,
+                  K, G0, N // 16, c_lo, c_hi, stride_wn, stride_sn, NW, RG, KS, PF, MASK, TAIL, INTERPRET)
+    G = G0 + RG * tl.arange(0, NW // KS)[:, None, None] + tl.arange(0, RG)[None, :, None]
+    n = 16 * G + tl.arange(0, 16)[None, None, :]
+    ok = n < N
+    if HAS_BIAS:
+        if pid_k == 0:
+            y += tl.load(b_ptr + e64 * N + n, mask=ok, other=0.0)
+    y = y * tl.load(topk_w_ptr + j)
+    tl.atomic_add(out_ptr + n, y, mask=ok, sem="relaxed")
+
+
+def supported(w: MXFP4Weight) -> bool:
+    """Whether these kernels take w: the fragments layout, scales that fit one multiply, K even in
+    chunks of 32 codes (x's bf16 pairs are read as 32-bit words)."""
+    return w.fragments and w.upcast_mode == 2 and w.k % 32 == 0
+
+
+def _check(w: MXFP4Weight, routing: Routing, who: str) -> None:
+    if not supported(w):
+        raise ValueError(f"{who}: needs a 'fragments' weight with every block scale <= 128 "
+                         f"(fragments={w.fragments}, upcast_mode={w.upcast_mode}, k={w.k})")
+    if routing.logits is None or routing.num_tokens != 1:
+        raise ValueError(f"{who}: takes inline_routing's one token, got {routing.num_tokens} tokens "
+                         f"({'inline' if routing.logits is not None else 'grouped'} routing)")
+
+
+def _groups(opts: TokenOptions) -> int:
+    """Row groups a program covers."""
+    return opts.num_warps // opts.k_warps * opts.row_groups
+
+
+def _consts(n: int, k: int, chunks: tuple[int, ...], opts: TokenOptions) -> dict:
+    """The kernels' constexprs; chunks: the K chunk counts programs take."""
+    if opts.num_warps % opts.k_warps or opts.prefetch not in (0, 1, 2):
+        raise ValueError(f"{opts}: k_warps must divide num_warps and prefetch be 0, 1 or 2")
+    return dict(NW=opts.num_warps, RG=opts.row_groups, KS=opts.k_warps, PF=opts.prefetch,
+                MASK=(n // 16) % _groups(opts) != 0 or k % 64 != 0, TAIL=any(c % opts.k_warps for c in chunks),
+                INTERPRET=INTERPRETED)
+
+
+def token_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Tensor, alpha: float,
+                  limit: float, opts: TokenOptions | None = None, zero: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """x [1, H] -> a [k, I] in x.dtype (row j: the token's j-th expert; rows of other ranks' experts
+    are not written), routing.topk_ids / topk_weights filled in. bias [E, 2I] float32; zero: a
+    contiguous float32 tensor zeroed on the way (token_down's output)."""
+    _check(w, routing, "token_gate_up")
+    opts = opts or GATE_UP_OPTIONS
+    if x.shape != (1, w.k) or not x.is_contiguous() or x.dtype != torch.bfloat16:
+        raise ValueError(f"token_gate_up: x must be a contiguous bfloat16 [1, {w.k}], got {tuple(x.shape)} {x.dtype}")
+    N, K, k = w.n, w.k, routing.top_k
+    a = torch.empty(k, N // 2, dtype=x.dtype, device=x.device)
+    n_experts = routing.logits.shape[1]
+    n_zero = zero.numel() if zero is not None else 0
+    _gate_up_kernel[(k, triton.cdiv(N // 16, _groups(opts)))](
+        x, a, zero if zero is not None else a, n_zero, w.data, w.scales, bias, routing.logits, routing.topk_ids,
+        routing.topk_weights, n_experts, routing.expert_start, routing.num_local_experts, K, N,
+        triton.cdiv(K, 64), w.data.stride(0), w.data.stride(1), w.scales.stride(0), w.scales.stride(1),
+        float(alpha), float(limit), TOP_K=k, E_PAD=triton.next_power_of_2(n_experts),
+        K_PAD=triton.next_power_of_2(k), **_consts(N, K, (triton.cdiv(K, 64),), opts), num_warps=opts.num_warps,
+        num_stages=1, **pdl.args())
+    return a
+
+
+def token_down(a: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Tensor | None,
+               out: torch.Tensor, opts: TokenOptions | None = None) -> torch.Tensor:
+    """out [1, H] float32 (zeroed, e.g. by token_gate_up) += sum over the token's local experts j of
+    topk_weights[j] * (a[j] @ W2[e]^T + b2[e]). bias None: no down bias (a TP rank other than the first)."""
+    _check(w, routing, "token_down")
+    opts = opts or DOWN_OPTIONS
+    N, K, k = w.n, w.k, routing.top_k
+    if a.shape != (k, K) or not a.is_contiguous() or a.dtype != torch.bfloat16:
+        raise ValueError(f"token_down: a must be a contiguous bfloat16 [{k}, {K}], got {tuple(a.shape)} {a.dtype}")
+    if out.shape != (1, N) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"token_down: out must be a contiguous float32 [1, {N}], got {tuple(out.shape)} {out.dtype}")
+    n_chunks = triton.cdiv(K, 64)
+    split = max(1, min(opts.split_k, n_chunks))
+    per = triton.cdiv(n_chunks, split)
+    split = triton.cdiv(n_chunks, per)  # no empty split (its prefetch would read past the weights)
+    _down_kernel[(k, triton.cdiv(N // 16, _groups(opts)), split)](
+        a, out, w.data, w.scales, bias if bias is not None else out, routing.topk_ids, routing.topk_weights,
+        routing.expert_start, routing.num_local_experts, K, N, per, n_chunks, w.data.stride(0), w.data.stride(1),
+        w.scales.stride(0), w.scales.stride(1), HAS_BIAS=bias is not None,
+        **_consts(N, K, (per, n_chunks - per * (split - 1)), opts), num_warps=opts.num_warps, num_stages=1,
+        **pdl.args())
+    return out
