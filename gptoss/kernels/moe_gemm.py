@@ -157,18 +157,22 @@ def _pair_scales(sc, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _bf16x2_pairs(w):
+    """The asm upcast's shift / mask steps on "bf16x2"-encoded uint32 words (see _BF16X2_BITS): four
+    bf16x2 words holding codes (k0, k1), (k4, k5), (k2, k3), (k6, k7) as code x 2^-126."""
+    m = 0x81C081C0
+    return (w & m, (w << 3) & m, (w << 6) & m,
+            ((w << 1) & 0x80008000) | ((w >> 3) & 0x01800180) | ((w >> 7) & 0x00400040))
+
+
+@triton.jit
 def _upcast_bf16x2_tl(wb, sc, BN: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr):
     """The asm upcast in plain Triton ops (the interpreter has no inline asm): same outputs."""
     q = tl.reshape(wb.to(tl.uint32), (BN, BK // 8, 2, 2))  # [.., word, p, q]: byte 2p + q
     b02, b13 = tl.split(q)
     b0, b2 = tl.split(b02)
     b1, b3 = tl.split(b13)
-    w = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
-    m = 0x81C081C0
-    o0 = w & m
-    o1 = (w << 3) & m
-    o2 = (w << 6) & m
-    o3 = ((w << 1) & 0x80008000) | ((w >> 3) & 0x01800180) | ((w >> 7) & 0x00400040)
+    o0, o1, o2, o3 = _bf16x2_pairs(b0 | (b1 << 8) | (b2 << 16) | (b3 << 24))
     # join(join(a, b), join(c, d)) flattens to a, c, b, d: r0 = o0.lo, o0.hi, o1.lo, o1.hi
     r0 = tl.reshape(tl.join(tl.join(_bf16_of(o0, False), _bf16_of(o1, False)),
                             tl.join(_bf16_of(o0, True), _bf16_of(o1, True))), (BN, BK // 2))

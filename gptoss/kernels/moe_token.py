@@ -20,11 +20,10 @@ and 16G + g + 8; its B registers in chunk C are x's bf16 pairs 32C + 8q + t and 
 cross-warp sum: more warps an SM keep more loads in flight (the weights come from DRAM once).
 
 Measured (H100, 20b layer, 4 layers a timed graph, `python scripts/moe_decode_probe.py`): gate_up
-21.1 us against moe_gemm's 21.2, down 9.8 against 10.8; in the whole batch-1 step 1.963 vs 2.046 ms a
+21.3 us against moe_gemm's 21.5, down 10.0 against 10.6; in the whole batch-1 step 1.963 vs 2.046 ms a
 token (`python scripts/ab_decode.py --switch moe.triton_backends.TOKEN_KERNELS --batch 1`). Streaming
-the same bytes without the math takes 16.1 us for gate_up (2.2 TB/s) and the math with the weights
-in L2 18.6 us: both the access pattern (128 bytes of each of 4 rows a chunk) and the upcast's
-integer work bound it.
+the same bytes without the math (`--token-load-only`) takes 16.5 us for gate_up (2.1 TB/s), and the
+math with the weights in L2 19-23 us: both the loads in flight and the upcast's integer work bound it.
 
 Triton lays the asm's [lanes, 4] operands one row a thread (checked on sm_90: the GPU tests in
 tests/test_moe_backends.py run the kernels against the twins). The interpreter has no inline asm:
@@ -40,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .moe_gemm import INTERPRETED, _bf16_of, _inline_rows, _inline_topk, _store_cast
+from .moe_gemm import INTERPRETED, _bf16_of, _bf16x2_pairs, _inline_rows, _inline_topk, _store_cast
 from .moe_routing import Routing
 from .moe_weights import MXFP4Weight
 from .pdl import pdl_enter
@@ -56,8 +55,8 @@ class TokenOptions:
 
 
 # the fastest of `python scripts/moe_decode_probe.py --sweep` on H100 (20b layer): gate_up 8 warps, pairs
-# sharing a row group's K, 2 chunks ahead (21.1 us; 26.1 with one warp a row group); down 4 warps on one
-# row group's K and 2 programs a row group (9.8 us; 15.5 with one warp and 3 programs)
+# sharing a row group's K, 2 chunks ahead (21.2 us; 26.1 with one warp a row group); down 4 warps on one
+# row group's K and 2 programs a row group (9.9 us; 15.3 with one warp and 3 programs)
 GATE_UP_OPTIONS = TokenOptions(num_warps=8, prefetch=2, k_warps=2)
 DOWN_OPTIONS = TokenOptions(num_warps=4, split_k=2, prefetch=1, k_warps=4)
 
@@ -96,15 +95,10 @@ def _mma_chunk_tl(acc, w, sc, xa, xb, NW: tl.constexpr, RG: tl.constexpr):
     """The asm's sums in plain Triton: w [R, RG, 4] words, sc [R, RG] scale words, xa / xb [R, 4] B
     words, acc [R, RG, 4]. Lane (g, t) of step q multiplies row g's codes 2t, 2t+1 (a0) and 2t+8, 2t+9
     (a2) by its B pairs, row g + 8's (a1, a3) likewise; the warp's four lanes t of a g add up."""
-    M: tl.constexpr = 0x81C081C0
-    w = w.to(tl.uint32, bitcast=True)
+    a0, a2, a1, a3 = _bf16x2_pairs(w.to(tl.uint32, bitcast=True))
     sc = sc.to(tl.uint32, bitcast=True)
     xa = xa.to(tl.uint32, bitcast=True)
     xb = xb.to(tl.uint32, bitcast=True)
-    a0 = w & M
-    a2 = (w << 3) & M
-    a1 = (w << 6) & M
-    a3 = ((w << 1) & 0x80008000) | ((w >> 3) & 0x01800180) | ((w >> 7) & 0x00400040)
     # 2^(s - 1): the raw bf16 is code x 2^-126, the weight code x 2^(s - 127) (exact in fp32, as in bf16)
     sg0 = (((sc & 255) + 126) << 23).to(tl.float32, bitcast=True)[:, :, None]
     sh0 = ((((sc >> 8) & 255) + 126) << 23).to(tl.float32, bitcast=True)[:, :, None]
