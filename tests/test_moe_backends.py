@@ -442,6 +442,12 @@ def test_token_kernels_match_twins(interp, start, n_local, E, H, I):
     r = interp.routing.inline_routing(torch.randn(1, 8).bfloat16(), 4, 0, 8)
     with pytest.raises(ValueError, match="every block scale <= 128"):
         T_.token_down(torch.zeros(4, 64).bfloat16(), r, big, None, torch.zeros(1, 64))
+    # the "triton" backend takes them at one token unless given a config or switched off
+    B = interp.backends
+    spec = MoESpec(8, 4, 64, 64)
+    assert B.TritonMoE(w, spec, torch.bfloat16)._token_kernels
+    assert not B.TritonMoE(w, spec, torch.bfloat16, config=B.MoEKernelConfig())._token_kernels
+    assert not B.TritonMoE(w, spec, torch.float32)._token_kernels
 
 
 def test_split_k_workspace_grows_and_keeps_the_outgrown():

@@ -4,8 +4,10 @@ tl.dot_scaled: native on Blackwell, emulated by Triton elsewhere).
 
 One forward: routing (gptoss.kernels.moe_routing: top-k and the rows grouped per local expert on the
 GPU, no host sync) -> gate_up GEMM with bias + SwiGLU -> down GEMM with bias, routing weight and the
-top-k combine (gptoss.kernels.moe_gemm). The spec's expert slice (expert_start, num_local_experts),
-intermediate slice and add_down_bias make the same kernels serve tensor and expert parallelism.
+top-k combine (gptoss.kernels.moe_gemm); one token on "fragments" weights runs no routing kernel and
+gptoss.kernels.moe_token's two mma.sync GEMMs instead (gate_up routes the token). The spec's expert
+slice (expert_start, num_local_experts), intermediate slice and add_down_bias make the same kernels
+serve tensor and expert parallelism.
 Tile configs per token count are in `fragments_config` ("triton"'s default weight layout, see
 gptoss.kernels.moe_weights.swizzle_fragments) and `default_config` (the others), measured on H100
 (benchmarks/bench_moe.py).
@@ -18,10 +20,10 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ..kernels import moe_token
 from ..kernels.moe_gemm import INTERPRETED, GemmOptions, gate_up_workspace_size, moe_down, moe_gate_up, row_absmax
 from ..kernels.moe_weights import prepare_mxfp4_weight
 from ..kernels.moe_routing import RoutingOptions, inline_routing, moe_routing
-from ..kernels import moe_token
 from ..profiling import stage
 from .base import MoEBackend, MoESpec, MoEWeights
 from .registry import register_moe_backend
