@@ -684,7 +684,7 @@ def test_token_kernels_match_twins_gpu():
     from gptoss.kernels import moe_token as T_
     O = T_.TokenOptions
     opts = [(None, None), (O(), O(split_k=2)), (O(4, 1, 1, 2, 2), O(4, 1, 3, 1, 4)),
-            (O(8, 2, 1, 0, 4), O(2, 2, 2, 2, 2))]
+            (O(8, 2, 1, 0, 4), O(2, 2, 2, 2, 2)), (O(16, 1, 1, 2, 2), O(16, 1, 1, 1, 8))]
     g = torch.Generator(device="cuda").manual_seed(3)
     for E, start, n_local, H, I in ((32, 0, 32, 2880, 2880), (128, 32, 32, 2880, 2880), (32, 0, 32, 2880, 1440)):
         check_token_kernels(G, R, T_, g, "cuda", E, start, n_local, H, I, opts, (5e-3, 5e-4))
