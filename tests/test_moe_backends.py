@@ -442,6 +442,10 @@ def test_token_kernels_match_twins(interp, start, n_local, E, H, I):
     r = interp.routing.inline_routing(torch.randn(1, 8).bfloat16(), 4, 0, 8)
     with pytest.raises(ValueError, match="every block scale <= 128"):
         T_.token_down(torch.zeros(4, 64).bfloat16(), r, big, None, torch.zeros(1, 64))
+    w1 = interp.gemm.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2", True)
+    odd = torch.randn(65).bfloat16()[1:].view(1, 64)  # bf16 pairs read as words need 4-byte alignment
+    with pytest.raises(ValueError, match="4-byte aligned"):
+        T_.token_gate_up(odd, r, w1, w.gate_up_bias.float(), 1.702, 7.0)
     # the "triton" backend takes them at one token unless given a config or switched off
     B = interp.backends
     spec = MoESpec(8, 4, 64, 64)

@@ -156,8 +156,8 @@ def _row_sums(x32, w_ptr, ws_ptr, K, G0, n_groups, c_lo, c_hi, stride_wn, stride
     """The sums of rows 16G .. 16G + 15 of the program's NW / KS * RG row groups G = G0 + RG * (warp // KS)
     + i over K chunks c_lo .. c_hi: [NW / KS, RG, 16] fp32 (row 16G + n at [.., n]). The KS warps of a
     row group take every KS-th chunk and meet in a cross-warp sum at the end (more warps an SM keep
-    more loads in flight). MASK: groups past n_groups or K past the weights' own exist; TAIL: the
-    chunks do not divide by KS (a warp past c_hi reloads chunk c_hi - 1 and multiplies it by x = 0)."""
+    more loads in flight). MASK: some row groups lie past n_groups, or K is not a multiple of 64; TAIL:
+    the chunks do not divide by KS (a warp past c_hi reloads chunk c_hi - 1 and multiplies it by x = 0)."""
     R: tl.constexpr = NW * 32
     r = tl.arange(0, R)
     lane = r % 32
@@ -315,8 +315,9 @@ def token_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch
     contiguous float32 tensor zeroed on the way (token_down's output)."""
     _check(w, routing, "token_gate_up")
     opts = opts or GATE_UP_OPTIONS
-    if x.shape != (1, w.k) or not x.is_contiguous() or x.dtype != torch.bfloat16:
-        raise ValueError(f"token_gate_up: x must be a contiguous bfloat16 [1, {w.k}], got {tuple(x.shape)} {x.dtype}")
+    if x.shape != (1, w.k) or not x.is_contiguous() or x.dtype != torch.bfloat16 or x.data_ptr() % 4:
+        raise ValueError(f"token_gate_up: x must be a contiguous, 4-byte aligned bfloat16 [1, {w.k}] (the kernel "
+                         f"reads bf16 pairs as words), got {tuple(x.shape)} {x.dtype} at offset {x.data_ptr() % 4}")
     N, K, k = w.n, w.k, routing.top_k
     a = torch.empty(k, N // 2, dtype=x.dtype, device=x.device)
     n_experts = routing.logits.shape[1]
@@ -338,8 +339,9 @@ def token_down(a: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Te
     _check(w, routing, "token_down")
     opts = opts or DOWN_OPTIONS
     N, K, k = w.n, w.k, routing.top_k
-    if a.shape != (k, K) or not a.is_contiguous() or a.dtype != torch.bfloat16:
-        raise ValueError(f"token_down: a must be a contiguous bfloat16 [{k}, {K}], got {tuple(a.shape)} {a.dtype}")
+    if a.shape != (k, K) or not a.is_contiguous() or a.dtype != torch.bfloat16 or a.data_ptr() % 4:
+        raise ValueError(f"token_down: a must be a contiguous, 4-byte aligned bfloat16 [{k}, {K}], got "
+                         f"{tuple(a.shape)} {a.dtype} at offset {a.data_ptr() % 4}")
     if out.shape != (1, N) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"token_down: out must be a contiguous float32 [1, {N}], got {tuple(out.shape)} {out.dtype}")
     n_chunks = triton.cdiv(K, 64)
