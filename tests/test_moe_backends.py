@@ -428,12 +428,13 @@ def check_token_kernels(G, R, T_, g, device, E, start, n_local, H, I, opts, tol)
 @pytest.mark.parametrize("start,n_local,E,H,I", [(0, 8, 8, 64, 64), (4, 4, 8, 192, 96), (8, 16, 40, 128, 320)])
 def test_token_kernels_match_twins(interp, start, n_local, E, H, I):
     # the interpreter runs moe_token's plain-Triton twin of its asm; the options cover warps sharing
-    # a row group's chunks (an uneven share: TAIL), several row groups a warp, prefetch 0-2, the down
+    # a row group's chunks (an uneven share: TAIL), several row groups a warp, prefetch 0-2 (2 with one
+    # chunk and with a last turn cut short), the down
     # GEMM split over programs, row groups past N (the masked path) and K not a multiple of 64 (96, 320)
     from gptoss.kernels import moe_token as T_
     O = T_.TokenOptions
     opts = [(O(), O(split_k=2)), (O(4, 1, 1, 2, 2), O(4, 1, 3, 1, 4)), (O(2, 2, 1, 0, 1), O(8, 2, 2, 2, 2)),
-            (O(8, 1, 1, 1, 8), O(1, 1, 5, 1, 1))]
+            (O(8, 1, 1, 1, 8), O(1, 1, 5, 1, 1)), (O(2, 1, 1, 2, 1), O(2, 1, 1, 2, 1))]
     check_token_kernels(interp.gemm, interp.routing, T_, torch.Generator().manual_seed(41 + I), "cpu", E, start,
                         n_local, H, I, opts, (4e-3, 5e-4))
     w = slice_weights(random_weights(MoESpec(8, 4, 64, 64), torch.Generator().manual_seed(1)))
@@ -688,7 +689,8 @@ def test_token_kernels_match_twins_gpu():
     from gptoss.kernels import moe_token as T_
     O = T_.TokenOptions
     opts = [(None, None), (O(), O(split_k=2)), (O(4, 1, 1, 2, 2), O(4, 1, 3, 1, 4)),
-            (O(8, 2, 1, 0, 4), O(2, 2, 2, 2, 2)), (O(16, 1, 1, 2, 2), O(16, 1, 1, 1, 8))]
+            (O(8, 2, 1, 0, 4), O(2, 2, 2, 2, 2)), (O(16, 1, 1, 2, 2), O(16, 1, 1, 1, 8)),
+            (O(4, 1, 1, 2, 1), O(4, 1, 1, 2, 2))]
     g = torch.Generator(device="cuda").manual_seed(3)
     for E, start, n_local, H, I in ((32, 0, 32, 2880, 2880), (128, 32, 32, 2880, 2880), (32, 0, 32, 2880, 1440)):
         check_token_kernels(G, R, T_, g, "cuda", E, start, n_local, H, I, opts, (5e-3, 5e-4))

@@ -20,10 +20,11 @@ and 16G + g + 8; its B registers in chunk C are x's bf16 pairs 32C + 8q + t and 
 cross-warp sum: more warps an SM keep more loads in flight (the weights come from DRAM once).
 
 Measured (H100, 20b layer, 4 layers a timed graph, `python scripts/moe_decode_probe.py`): gate_up
-21.3 us against moe_gemm's 21.5, down 10.0 against 10.6; in the whole batch-1 step 1.963 vs 2.046 ms a
+20.4 us against moe_gemm's 21.4, down 9.9 against 10.5; in the whole batch-1 step 1.963 vs 2.046 ms a
 token (`python scripts/ab_decode.py --switch moe.triton_backends.TOKEN_KERNELS --batch 1`). Streaming
 the same bytes without the math (`--token-load-only`) takes 16.5 us for gate_up (2.1 TB/s), and the
-math with the weights in L2 19-23 us: both the loads in flight and the upcast's integer work bound it.
+math with the weights in L2 19-23 us: both the loads in flight and the upcast's integer work bound it
+(Nsight Compute, gate_up: 0.6 instructions issued a cycle a scheduler, half the stalls on loads).
 
 Triton lays the asm's [lanes, 4] operands one row a thread (checked on sm_90: the GPU tests in
 tests/test_moe_backends.py run the kernels against the twins). The interpreter has no inline asm:
@@ -50,13 +51,14 @@ class TokenOptions:
     num_warps: int = 4      # warps a program
     row_groups: int = 1     # 16-row groups a warp streams side by side (they share the x loads)
     split_k: int = 1        # K chunks split over programs (down only: its output takes atomics)
-    prefetch: int = 1       # K chunks of weights loaded ahead in registers (0-2)
+    prefetch: int = 1       # K chunks of weights in registers (0-2): 1 loads the next chunk through a
+                            # rotation, 2 keeps two buffers, each refilled in place
     k_warps: int = 1        # warps of a program that share a row group's K chunks (divides num_warps)
 
 
 # the fastest of `python scripts/moe_decode_probe.py --sweep` on H100 (20b layer): gate_up 8 warps, pairs
-# sharing a row group's K, 2 chunks ahead (21.2 us; 26.1 with one warp a row group); down 4 warps on one
-# row group's K and 2 programs a row group (9.9 us; 15.3 with one warp and 3 programs)
+# sharing a row group's K, two buffers (20.4 us; 21.6 with one; 26.1 with one warp a row group); down 4
+# warps on one row group's K and 2 programs a row group, one buffer (9.9 us; 10.9 with two)
 GATE_UP_OPTIONS = TokenOptions(num_warps=8, prefetch=2, k_warps=2)
 DOWN_OPTIONS = TokenOptions(num_warps=4, split_k=2, prefetch=1, k_warps=4)
 
@@ -150,6 +152,27 @@ def _load_chunk(w32, s32, w_row, s_row, g_ok, cr, MASK: tl.constexpr):
 
 
 @triton.jit
+def _chunk(acc, x32, w, s, c, top, c_hi, K, t, NW: tl.constexpr, RG: tl.constexpr, MASK: tl.constexpr,
+           TAIL: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + the products of a warp's chunk c [R, 1] (w, s: the words of chunk min(c, top)). x is loaded
+    here, next to its use: loading it with the weights a chunk ahead measured slower (H100: down 11.8
+    against 9.9 us, gate_up 20.9 against 20.5)."""
+    q = tl.arange(0, 4)
+    kw = 32 * tl.minimum(c, top) + t[:, None] + 8 * q[None, :]  # [R, 4] x's bf16 pairs of the four k16 steps
+    if MASK:  # x past K (the codes there are zero padding) or past c_hi (a reloaded chunk)
+        x_ok = (kw < K // 2) & (c < c_hi)
+        xa = tl.load(x32 + kw, mask=x_ok, other=0)
+        xb = tl.load(x32 + kw + 4, mask=x_ok & (kw + 4 < K // 2), other=0)
+    elif TAIL:
+        xa = tl.load(x32 + kw, mask=c < c_hi, other=0)
+        xb = tl.load(x32 + kw + 4, mask=c < c_hi, other=0)
+    else:
+        xa = tl.load(x32 + kw)
+        xb = tl.load(x32 + kw + 4)
+    return _mma_chunk(acc, w, s, xa, xb, NW, RG, INTERPRET)
+
+
+@triton.jit
 def _row_sums(x32, w_ptr, ws_ptr, K, G0, n_groups, c_lo, c_hi, stride_wn, stride_sn,
               NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, PF: tl.constexpr, MASK: tl.constexpr,
               TAIL: tl.constexpr, INTERPRET: tl.constexpr):
@@ -173,40 +196,34 @@ def _row_sums(x32, w_ptr, ws_ptr, K, G0, n_groups, c_lo, c_hi, stride_wn, stride
     c0 = (c_lo + (r // 32) % KS)[:, None]  # [R, 1]: the warp's first chunk
     w32 = w_ptr.to(tl.pointer_type(tl.int32))
     s32 = ws_ptr.to(tl.pointer_type(tl.int32))
-    q = tl.arange(0, 4)
     acc = tl.zeros((R, RG, 4), tl.float32)
     n_it = tl.cdiv(c_hi - c_lo, KS)
     last = tl.maximum(n_it - 1, 0)
     top = c_hi - 1
-    if PF >= 1:
+    if PF == 2:
+        # two buffers, each refilled in place once its chunk is done: a rotation (1 <- 2 <- new) would
+        # make the copy at the top of a turn wait for the load issued one turn before
         w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0, top), MASK)
-    if PF >= 2:
         w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * tl.minimum(1, last), top), MASK)
-    for it in range(0, n_it):
-        if PF == 0:
-            w, s = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * it, top), MASK)
-        elif PF == 1:
+        for it in range(0, n_it, 2):
+            acc = _chunk(acc, x32, w1, s1, c0 + KS * it, top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET)
+            w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * tl.minimum(it + 2, last), top),
+                                 MASK)
+            if it + 1 < n_it:
+                acc = _chunk(acc, x32, w2, s2, c0 + KS * (it + 1), top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET)
+                w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok,
+                                     tl.minimum(c0 + KS * tl.minimum(it + 3, last), top), MASK)
+    elif PF == 1:  # the next chunk through a register rotation (its copy waits on the load a turn before)
+        w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0, top), MASK)
+        for it in range(0, n_it):
             w, s = w1, s1
             w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * tl.minimum(it + 1, last), top),
                                  MASK)
-        else:
-            w, s = w1, s1
-            w1, s1 = w2, s2
-            w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * tl.minimum(it + 2, last), top),
-                                 MASK)
-        c = c0 + KS * it  # [R, 1]
-        kw = 32 * tl.minimum(c, top) + t[:, None] + 8 * q[None, :]  # [R, 4] x's bf16 pairs of the four k16 steps
-        if MASK:  # x past K (the codes there are zero padding) or past c_hi (a reloaded chunk)
-            x_ok = (kw < K // 2) & (c < c_hi)
-            xa = tl.load(x32 + kw, mask=x_ok, other=0)
-            xb = tl.load(x32 + kw + 4, mask=x_ok & (kw + 4 < K // 2), other=0)
-        elif TAIL:
-            xa = tl.load(x32 + kw, mask=c < c_hi, other=0)
-            xb = tl.load(x32 + kw + 4, mask=c < c_hi, other=0)
-        else:
-            xa = tl.load(x32 + kw)
-            xb = tl.load(x32 + kw + 4)
-        acc = _mma_chunk(acc, w, s, xa, xb, NW, RG, INTERPRET)
+            acc = _chunk(acc, x32, w, s, c0 + KS * it, top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET)
+    else:
+        for it in range(0, n_it):
+            w, s = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * it, top), MASK)
+            acc = _chunk(acc, x32, w, s, c0 + KS * it, top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET)
     # lanes t of a g hold the same sums: take t == 0's c0 (row g) and c2 (row g + 8)
     v = tl.reshape(acc, (NW, 8, 4, RG, 2, 2))  # warp, g, t, group, h, c % 2
     v = tl.sum(tl.where((tl.arange(0, 4) == 0)[None, None, :, None, None, None], v, 0.0), axis=2)
