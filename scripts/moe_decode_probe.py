@@ -65,13 +65,14 @@ add.f32 $0, $20, t0; mov.b32 $1, $21; mov.b32 $2, $22; mov.b32 $3, $23;
 # --sweep: TokenOptions(num_warps, row_groups, split_k, prefetch, k_warps)
 SWEEP_UP = [(8, 1, 1, 2, 2), (8, 1, 1, 1, 2), (4, 1, 1, 2, 2), (4, 1, 1, 2, 1), (8, 1, 1, 2, 4), (4, 2, 1, 1, 2)]
 SWEEP_DOWN = [(4, 1, 2, 1, 4), (4, 1, 2, 2, 4), (4, 1, 1, 2, 4), (4, 1, 3, 1, 4), (4, 1, 2, 1, 2), (4, 1, 2, 2, 2),
-              (8, 1, 2, 1, 4), (4, 1, 1, 1, 4)]
+              (4, 1, 1, 1, 4), (4, 1, 1, 2, 2), (4, 1, 3, 2, 2), (4, 1, 1, 1, 2)]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--token-load-only", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--down-only", action="store_true", help="--sweep: the down options alone")
     args = ap.parse_args()
     if args.token_load_only:
         TK._MMA_ASM = tl.constexpr(_LOAD_ONLY_ASM)
@@ -123,7 +124,7 @@ def main():
     hot = [layers[0]] * 4
     if args.sweep:
         rows = [(f"moe_token gate_up {TK.TokenOptions(*o)}", "cold", t(tup(layers, TK.TokenOptions(*o))), mb_up)
-                for o in SWEEP_UP]
+                for o in SWEEP_UP] if not args.down_only else []
         rows += [(f"moe_token down {TK.TokenOptions(*o)}", "cold", t(tdown(layers, TK.TokenOptions(*o))), mb_dn)
                  for o in SWEEP_DOWN]
     elif args.token_load_only:

@@ -417,7 +417,8 @@ def check_token_kernels(G, R, T_, g, device, E, start, n_local, H, I, opts, tol)
         a = T_.token_gate_up(x, r, w1, b1, 1.702, 7.0, up_opts, zero=out)
         assert torch.equal(r.topk_ids, ref.topk_ids) and r.topk_ids[0, 0] == 2 and r.topk_ids[0, 1] == 5
         torch.testing.assert_close(r.topk_weights, ref.topk_weights, atol=1e-6, rtol=1e-5)
-        em, er = errors(a[local], a_ref[ref.assign_pos[local].long()])
+        assert torch.equal(T_.natural_order(T_.chunk_order(a_ref), I), a_ref)
+        em, er = errors(T_.natural_order(a, I)[local], a_ref[ref.assign_pos[local].long()])
         assert em < tol[0] and er < tol[1], (up_opts, em, er)
         y = T_.token_down(a, r, w2, b2, out, down_opts)
         assert y is out
@@ -447,6 +448,9 @@ def test_token_kernels_match_twins(interp, start, n_local, E, H, I):
     odd = torch.randn(65).bfloat16()[1:].view(1, 64)  # bf16 pairs read as words need 4-byte alignment
     with pytest.raises(ValueError, match="4-byte aligned"):
         T_.token_gate_up(odd, r, w1, w.gate_up_bias.float(), 1.702, 7.0)
+    w2 = interp.gemm.prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, "bf16x2", True)
+    with pytest.raises(ValueError, match=r"\[4, 64\] in the chunk order"):  # down takes gate_up's `a` only
+        T_.token_down(torch.zeros(4, 32).bfloat16(), r, w2, None, torch.zeros(1, 64))
     # the "triton" backend takes them at one token unless given a config or switched off
     B = interp.backends
     spec = MoESpec(8, 4, 64, 64)
