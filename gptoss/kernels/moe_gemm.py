@@ -8,7 +8,7 @@ into the second.
 
 Activations (`act`) and how the MXFP4 tile reaches the tensor cores:
   "bf16":  weights "bf16x2"-encoded at load (the codes re-packed, see _BF16X2_BITS): each 4 bytes
-           become 8 bf16 in ~13 integer ops and 4 mul.bf16x2 of inline asm (8 where a block scale
+           become 8 bf16 in 9 integer ops and 4 mul.bf16x2 of inline asm (8 where a block scale
            exceeds 128), then a bf16 tl.dot.
            Weights "e2m1" (checkpoint codes): tl.dot_scaled, where Triton upcasts on Hopper
            (fast_math: an e8m0 NaN scale, 255, never in a checkpoint, is not turned into NaNs).
@@ -156,13 +156,28 @@ def _pair_scales(sc, BN: tl.constexpr, BK: tl.constexpr):
     return sA, sB
 
 
+# the asm upcast of one "bf16x2" word w (see _BF16X2_BITS) into its four bf16x2 words; temporaries t0, t1
+_UPCAST_PTX = """
+            and.b32 {k01}, {w}, 0x81C081C0;
+            shf.l.wrap.b32 t0, {w}, {w}, 28;
+            and.b32 {k45}, t0, 0x81C081C0;
+            shl.b32 t0, {w}, 6;
+            and.b32 {k23}, t0, 0x81C081C0;
+            shf.l.wrap.b32 t0, {w}, {w}, 2;
+            and.b32 t0, t0, 0x00400040;
+            shf.l.wrap.b32 t1, {w}, {w}, 10;
+            and.b32 t1, t1, 0x81808180;
+            or.b32 {k67}, t0, t1;"""
+_UPCAST_ASM = tl.constexpr(_UPCAST_PTX.format(w="$4", k01="$0", k45="$1", k23="$2", k67="$3"))
+
+
 @triton.jit
 def _bf16x2_pairs(w):
     """The asm upcast's shift / mask steps on "bf16x2"-encoded uint32 words (see _BF16X2_BITS): four
     bf16x2 words holding codes (k0, k1), (k4, k5), (k2, k3), (k6, k7) as code x 2^-126."""
     m = 0x81C081C0
-    return (w & m, (w << 3) & m, (w << 6) & m,
-            ((w << 1) & 0x80008000) | ((w >> 3) & 0x01800180) | ((w >> 7) & 0x00400040))
+    return (w & m, ((w << 28) | (w >> 4)) & m, (w << 6) & m,
+            (((w << 2) | (w >> 30)) & 0x00400040) | (((w << 10) | (w >> 22)) & 0x81808180))
 
 
 @triton.jit
@@ -191,7 +206,7 @@ def _upcast_bf16x2(wb, sc, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.con
     scale elements, 0 and 1 scale the codes of bytes 0 and 2, elements 2 and 3 those of bytes 1 and 3
     (see _scales_bf16: 2^(s-1) for MODE 2, 2^(s-127) for MODE 1).
 
-    Each 4 bytes (8 codes) give 4 bf16x2 words in ~13 integer ops and 4 mul.bf16x2 (MODE 2; MODE 1
+    Each 4 bytes (8 codes) give 4 bf16x2 words in 9 integer ops and 4 mul.bf16x2 (MODE 2; MODE 1
     multiplies by 2^126 first); r0 holds codes k0, k1, k4, k5 of each word, r1 k2, k3, k6, k7, each
     pair (one byte's two codes) in one register as the MMA's A fragment wants them."""
     if INTERPRET:
@@ -216,20 +231,7 @@ def _upcast_bf16x2(wb, sc, BN: tl.constexpr, BK: tl.constexpr, INTERPRET: tl.con
             mul.bf16x2 $3, $3, $6;"""
         r0, r1 = tl.inline_asm_elementwise(
             asm="""{
-            .reg .b32 t0, t1, t2;
-            and.b32 $0, $4, 0x81C081C0;
-            shl.b32 t0, $4, 3;
-            and.b32 $1, t0, 0x81C081C0;
-            shl.b32 t0, $4, 6;
-            and.b32 $2, t0, 0x81C081C0;
-            shl.b32 t0, $4, 1;
-            and.b32 t0, t0, 0x80008000;
-            shr.b32 t1, $4, 3;
-            and.b32 t1, t1, 0x01800180;
-            shr.b32 t2, $4, 7;
-            and.b32 t2, t2, 0x00400040;
-            or.b32 t0, t0, t1;
-            or.b32 $3, t0, t2;""" + scale_asm + """
+            .reg .b32 t0, t1;""" + _UPCAST_ASM + scale_asm + """
             }""",
             constraints="=r,=r,=r,=r,r,r,r",
             args=[wb, sc], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .moe_gemm import INTERPRETED, _bf16_of, _bf16x2_pairs, _inline_rows, _inline_topk, _store_cast
+from .moe_gemm import _UPCAST_PTX, INTERPRETED, _bf16_of, _bf16x2_pairs, _inline_rows, _inline_topk, _store_cast
 from .moe_routing import Routing
 from .moe_weights import MXFP4Weight
 from .pdl import pdl_enter
@@ -75,23 +75,18 @@ def _mma_asm() -> str:
     B registers of the four steps, $20-23 the sums in. A scale word's bytes are (block 0, row g),
     (block 0, row g + 8), (block 1, row g), (block 1, row g + 8): 2^(s-1) as bf16 is (s + 126) << 7,
     spread to both halves by prmt."""
-    lines = [".reg .b32 t0, t1, t2, a0, a1, a2, a3, sg0, sh0, sg1, sh1;"]
+    lines = [".reg .b32 t0, t1, a0, a1, a2, a3, sg0, sh0, sg1, sh1;"]
     for name, sel in (("sg0", "0x4040"), ("sh0", "0x4141"), ("sg1", "0x4242"), ("sh1", "0x4343")):
         lines += [f"prmt.b32 {name}, $8, 0, {sel};", f"mad.lo.u32 {name}, {name}, 128, 0x3F003F00;"]
     for q in range(4):
         w, sg, sh = f"${4 + q}", f"sg{q // 2}", f"sh{q // 2}"
         acc_in = "{$20, $21, $22, $23}" if q == 0 else "{$0, $1, $2, $3}"
-        lines += [  # moe_gemm._upcast_bf16x2: a0 = codes k0, k1 (row g), a2 = k4, k5 (row g), a1 = k2, k3 and
-                    # a3 = k6, k7 (row g + 8)
-            f"and.b32 a0, {w}, 0x81C081C0;", f"shl.b32 t0, {w}, 3;", "and.b32 a2, t0, 0x81C081C0;",
-            f"shl.b32 t0, {w}, 6;", "and.b32 a1, t0, 0x81C081C0;",
-            f"shl.b32 t0, {w}, 1;", "and.b32 t0, t0, 0x80008000;", f"shr.b32 t1, {w}, 3;",
-            "and.b32 t1, t1, 0x01800180;", f"shr.b32 t2, {w}, 7;", "and.b32 t2, t2, 0x00400040;",
-            "or.b32 t0, t0, t1;", "or.b32 a3, t0, t2;",
-            f"mul.bf16x2 a0, a0, {sg};", f"mul.bf16x2 a2, a2, {sg};",
-            f"mul.bf16x2 a1, a1, {sh};", f"mul.bf16x2 a3, a3, {sh};",
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {a0, a1, a2, a3}, "
-            f"{{${12 + q}, ${16 + q}}}, {acc_in};"]
+        # moe_gemm's upcast: a0 = codes k0, k1 and a2 = k4, k5 (row g), a1 = k2, k3 and a3 = k6, k7 (row g + 8)
+        lines += [_UPCAST_PTX.format(w=w, k01="a0", k45="a2", k23="a1", k67="a3"),
+                  f"mul.bf16x2 a0, a0, {sg};", f"mul.bf16x2 a2, a2, {sg};",
+                  f"mul.bf16x2 a1, a1, {sh};", f"mul.bf16x2 a3, a3, {sh};",
+                  "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {a0, a1, a2, a3}, "
+                  f"{{${12 + q}, ${16 + q}}}, {acc_in};"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 

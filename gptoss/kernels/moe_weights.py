@@ -19,16 +19,20 @@ FP8_MAX_SHIFT = 14  # e4m3 holds code * 2^(6-d) exactly for d <= 14
 ENCODINGS = ("e2m1", "bf16x2")
 
 # "bf16x2" encoding: each 32-bit word (4 bytes, codes k0..k7 of the checkpoint, low nibble first) is
-# re-packed so that four shift/mask steps give bf16x2 words: a code's sign lands on bit 15 (31) and its
+# re-packed so that a few rotate/mask steps give bf16x2 words: a code's sign lands on bit 15 (31) and its
 # three magnitude bits on bits 8..6 (24..22), i.e. the bf16 (sign, exponent low bits, mantissa top
 # bit) of code * 2^-126. Per code: (sign bit, magnitude bits high to low) in the stored word.
-#   word & M -> (k0, k1);  (word << 3) & M -> (k4, k5);  (word << 6) & M -> (k2, k3);
-#   ((word << 1) & 0x80008000) | ((word >> 3) & 0x01800180) | ((word >> 7) & 0x00400040) -> (k6, k7)
-# with M = 0x81C081C0; then one mul.bf16x2 by 2^(s-1) (2^126 and the block scale 2^(s-127) in one,
-# where every scale s <= 128) or two. Each output pairs the two codes of one stored byte: one row's
-# two neighbouring k, which is how the MMA's A fragment pairs them (no register shuffles).
+#   word & M -> (k0, k1);  rotl(word, 28) & M -> (k4, k5);  (word << 6) & M -> (k2, k3);
+#   (rotl(word, 2) & 0x00400040) | (rotl(word, 10) & 0x81808180) -> (k6, k7)
+# with M = 0x81C081C0: 9 SASS operations a word (a rotate is one funnel shift). Three outputs can be
+# one rotate and one mask each, the fourth then needs two pieces: no placement of the 32 bits makes
+# all four single pieces (searched), and this one's pieces cost 4 operations where the earlier
+# placement's three-piece (k6, k7) cost 6. Then one mul.bf16x2 by 2^(s-1) (2^126 and the block scale
+# 2^(s-127) in one, where every scale s <= 128) or two. Each output pairs the two codes of one stored
+# byte: one row's two neighbouring k, which is how the MMA's A fragment pairs them (no register
+# shuffles).
 _BF16X2_BITS = ((15, (8, 7, 6)), (31, (24, 23, 22)), (9, (2, 1, 0)), (25, (18, 17, 16)),
-                (12, (5, 4, 3)), (28, (21, 20, 19)), (14, (11, 10, 13)), (30, (27, 26, 29)))
+                (19, (12, 11, 10)), (3, (28, 27, 26)), (5, (30, 29, 4)), (21, (14, 13, 20)))
 ONE_MUL_MAX_SCALE = 128  # 2^(s-1) is a bf16 (<= 2^127) up to here
 
 
