@@ -317,8 +317,8 @@ def _down_kernel(a_ptr, out_ptr, w_ptr, ws_ptr, b_ptr, ids_ptr, topk_w_ptr, expe
     c_lo = pid_k * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, n_chunks)
     y = _row_sums((a_ptr + j * stride_a).to(tl.pointer_type(tl.int32)), w_ptr + e64 * stride_we,
-                  ws_ptr + e64 * stride_se, K, G0, N // 16, c_lo, c_hi, stride_wn, stride_sn, NW, RG, KS, PF, MASK, TAIL,
-                  INTERPRET, True)
+                  ws_ptr + e64 * stride_se, K, G0, N // 16, c_lo, c_hi, stride_wn, stride_sn, NW, RG, KS, PF, MASK,
+                  TAIL, INTERPRET, True)
     G = G0 + RG * tl.arange(0, NW // KS)[:, None, None] + tl.arange(0, RG)[None, :, None]
     n = 16 * G + tl.arange(0, 16)[None, None, :]
     ok = n < N
@@ -362,8 +362,8 @@ def token_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch
                   limit: float, opts: TokenOptions | None = None, zero: torch.Tensor | None = None
                   ) -> torch.Tensor:
     """x [1, H] -> a [k, I'] in x.dtype and the chunk order (row j: the token's j-th expert; rows of
-    other ranks' experts are not written), routing.topk_ids / topk_weights filled in. bias [E, 2I] float32; zero: a
-    contiguous float32 tensor zeroed on the way (token_down's output)."""
+    other ranks' experts are not written), routing.topk_ids / topk_weights filled in. bias [E, 2I]
+    float32; zero: a contiguous float32 tensor zeroed on the way (token_down's output)."""
     _check(w, routing, "token_gate_up")
     opts = opts or GATE_UP_OPTIONS
     if x.shape != (1, w.k) or not x.is_contiguous() or x.dtype != torch.bfloat16 or x.data_ptr() % 4:
@@ -386,7 +386,8 @@ def token_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch
 def token_down(a: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Tensor | None,
                out: torch.Tensor, opts: TokenOptions | None = None) -> torch.Tensor:
     """out [1, H] float32 (zeroed, e.g. by token_gate_up) += sum over the token's local experts j of
-    topk_weights[j] * (a[j] @ W2[e]^T + b2[e]), a token_gate_up's (chunk order). bias None: no down bias (a TP rank other than the first)."""
+    topk_weights[j] * (a[j] @ W2[e]^T + b2[e]), a token_gate_up's (chunk order). bias None: no down bias
+    (a TP rank other than the first)."""
     _check(w, routing, "token_down")
     opts = opts or DOWN_OPTIONS
     N, K, k = w.n, w.k, routing.top_k
@@ -403,8 +404,8 @@ def token_down(a: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Te
     split = triton.cdiv(n_chunks, per)  # no empty split (its prefetch would read past the weights)
     _down_kernel[(k, triton.cdiv(N // 16, _groups(opts)), split)](
         a, out, w.data, w.scales, bias if bias is not None else out, routing.topk_ids, routing.topk_weights,
-        routing.expert_start, routing.num_local_experts, K, N, a.stride(0), per, n_chunks, w.data.stride(0), w.data.stride(1),
-        w.scales.stride(0), w.scales.stride(1), HAS_BIAS=bias is not None,
+        routing.expert_start, routing.num_local_experts, K, N, a.stride(0), per, n_chunks, w.data.stride(0),
+        w.data.stride(1), w.scales.stride(0), w.scales.stride(1), HAS_BIAS=bias is not None,
         **_consts(N, K, (per, n_chunks - per * (split - 1)), opts), num_warps=opts.num_warps, num_stages=1,
         **pdl.args())
     return out
