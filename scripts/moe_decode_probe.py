@@ -13,6 +13,8 @@ options), on an H100:
     python scripts/moe_decode_probe.py
     python scripts/moe_decode_probe.py --token-load-only
     python scripts/moe_decode_probe.py --sweep        # moe_token's options, cold
+    ncu --set full -k regex:_gate_up_kernel --launch-skip 2 --launch-count 1 -o up \
+        python scripts/moe_decode_probe.py --ncu      # Nsight Compute on one token kernel (or _down_kernel)
 
 Medians of CUDA-graph replays with programmatic dependent launch, microseconds a layer.
 """
@@ -73,6 +75,8 @@ def main():
     ap.add_argument("--token-load-only", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--down-only", action="store_true", help="--sweep: the down options alone")
+    ap.add_argument("--ncu", action="store_true", help="only run the token kernels 3 times, eagerly, for a "
+                    "profiler to pick one launch (ncu flushes the caches before each: cold weights)")
     args = ap.parse_args()
     if args.token_load_only:
         TK._MMA_ASM = tl.constexpr(_LOAD_ONLY_ASM)
@@ -112,6 +116,12 @@ def main():
 
     ri = inline_routing(distinct_logits(1, 32, g, "cuda"), 4, 0, 32)
     a_tok = TK.token_gate_up(x, ri, layers[0][0], layers[0][2], 1.702, 7.0, zero=out)
+    if args.ncu:  # --launch-skip 2: past moe_gemm's gate_up (also "_gate_up_kernel") and a_tok's; down's third
+        for _ in range(3):
+            TK.token_down(TK.token_gate_up(x, ri, layers[0][0], layers[0][2], 1.702, 7.0, zero=out), ri,
+                          layers[0][1], layers[0][3], out)
+        torch.cuda.synchronize()
+        return
 
     def tup(ls, o=None):
         return lambda: [TK.token_gate_up(x, ri, l[0], l[2], 1.702, 7.0, o, zero=out) for l in ls]
