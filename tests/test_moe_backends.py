@@ -411,13 +411,13 @@ def check_token_kernels(G, R, T_, g, device, E, start, n_local, H, I, opts, tol)
     a_ref, _ = G.moe_gate_up_torch(x, ref, w1, b1, "bf16", 1.702, 7.0, G.GemmOptions())
     y_ref = G.moe_down_torch(a_ref, None, ref, w2, b2, "bf16", G.GemmOptions(), start, n_local, True, torch.float32)
     local = [j for j in range(k) if ref.assign_pos[j] >= 0]
+    assert torch.equal(T_.natural_order(T_.chunk_order(a_ref), I), a_ref)
     for up_opts, down_opts in opts:
         r = R.inline_routing(lg, k, start, n_local)
         out = torch.full((1, H), float("nan"), device=device)
         a = T_.token_gate_up(x, r, w1, b1, 1.702, 7.0, up_opts, zero=out)
         assert torch.equal(r.topk_ids, ref.topk_ids) and r.topk_ids[0, 0] == 2 and r.topk_ids[0, 1] == 5
         torch.testing.assert_close(r.topk_weights, ref.topk_weights, atol=1e-6, rtol=1e-5)
-        assert torch.equal(T_.natural_order(T_.chunk_order(a_ref), I), a_ref)
         em, er = errors(T_.natural_order(a, I)[local], a_ref[ref.assign_pos[local].long()])
         assert em < tol[0] and er < tol[1], (up_opts, em, er)
         y = T_.token_down(a, r, w2, b2, out, down_opts)
@@ -430,8 +430,8 @@ def check_token_kernels(G, R, T_, g, device, E, start, n_local, H, I, opts, tol)
 def test_token_kernels_match_twins(interp, start, n_local, E, H, I):
     # the interpreter runs moe_token's plain-Triton twin of its asm; the options cover warps sharing
     # a row group's chunks (an uneven share: TAIL), several row groups a warp, prefetch 0-2 (2 with one
-    # chunk and with a last turn cut short), the down
-    # GEMM split over programs, row groups past N (the masked path) and K not a multiple of 64 (96, 320)
+    # chunk and with a last turn cut short), the down GEMM split over programs, row groups past N (the
+    # masked path) and K not a multiple of 64 (96, 320)
     from gptoss.kernels import moe_token as T_
     O = T_.TokenOptions
     opts = [(O(), O(split_k=2)), (O(4, 1, 1, 2, 2), O(4, 1, 3, 1, 4)), (O(2, 2, 1, 0, 1), O(8, 2, 2, 2, 2)),

@@ -137,9 +137,11 @@ def _mma_chunk(acc, w, sc, xa, xb, NW: tl.constexpr, RG: tl.constexpr, INTERPRET
 
 
 @triton.jit
-def _load_chunk(w32, s32, w_row, s_row, g_ok, cr, MASK: tl.constexpr):
-    """The weight words [R, RG, 4] and scale words [R, RG] of each row's chunk cr [R, 1] (MASK: zeros for
-    the row groups g_ok leaves out)."""
+def _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it, last, top, KS: tl.constexpr, MASK: tl.constexpr):
+    """The weight words [R, RG, 4] and scale words [R, RG] of each warp's turn `it` (chunk c0 + KS it
+    [R, 1]; a turn past `last`, loaded ahead, rereads the last turn, a chunk past `top` the chunk `top`:
+    no load past the weights; MASK: zeros for the row groups g_ok leaves out)."""
+    cr = tl.minimum(c0 + KS * tl.minimum(it, last), top)
     q = tl.arange(0, 4)
     w_off = w_row + 32 * cr
     s_off = s_row + 2 * cr
@@ -209,27 +211,24 @@ def _row_sums(x32, w_ptr, ws_ptr, K, G0, n_groups, c_lo, c_hi, stride_wn, stride
     if PF == 2:
         # two buffers, each refilled in place once its chunk is done: a rotation (1 <- 2 <- new) would
         # make the copy at the top of a turn wait for the load issued one turn before
-        w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0, top), MASK)
-        w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * tl.minimum(1, last), top), MASK)
+        w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, 0, last, top, KS, MASK)
+        w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, 1, last, top, KS, MASK)
         for it in range(0, n_it, 2):
             acc = _chunk(acc, x32, w1, s1, c0 + KS * it, top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET, XC)
-            w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * tl.minimum(it + 2, last), top),
-                                 MASK)
+            w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it + 2, last, top, KS, MASK)
             if it + 1 < n_it:
                 acc = _chunk(acc, x32, w2, s2, c0 + KS * (it + 1), top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET,
                              XC)
-                w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok,
-                                     tl.minimum(c0 + KS * tl.minimum(it + 3, last), top), MASK)
+                w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it + 3, last, top, KS, MASK)
     elif PF == 1:  # the next chunk through a register rotation (its copy waits on the load a turn before)
-        w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0, top), MASK)
+        w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, 0, last, top, KS, MASK)
         for it in range(0, n_it):
             w, s = w1, s1
-            w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * tl.minimum(it + 1, last), top),
-                                 MASK)
+            w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it + 1, last, top, KS, MASK)
             acc = _chunk(acc, x32, w, s, c0 + KS * it, top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET, XC)
     else:
         for it in range(0, n_it):
-            w, s = _load_chunk(w32, s32, w_row, s_row, g_ok, tl.minimum(c0 + KS * it, top), MASK)
+            w, s = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it, last, top, KS, MASK)
             acc = _chunk(acc, x32, w, s, c0 + KS * it, top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET, XC)
     # lanes t of a g hold the same sums: take t == 0's c0 (row g) and c2 (row g + 8)
     v = tl.reshape(acc, (NW, 8, 4, RG, 2, 2))  # warp, g, t, group, h, c % 2
