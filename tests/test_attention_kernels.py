@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gptoss.kernels import attention as attn
+from gptoss.kernels import pdl
 from gptoss.kernels.attention import AttentionOptions, paged_attention, rope_kv_attention, rope_write_kv, write_kv
 from gptoss.kernels.attention_torch import (fp8_scale_torch, paged_attention_torch, quantize_fp8_torch,
                                             rope_write_kv_torch, write_kv_torch)
@@ -271,10 +272,12 @@ def _rope_write_kv_matches_twin(device, fp8, dtype, T=11, hq=4, hkv=2, d=32, blo
 
 
 def _fused_decode_matches_unfused(device, ctxs, block_size, window, splits, fp8, dtype=torch.bfloat16,
-                                  hq=8, hkv=2, d=32, seed=0):
+                                  hq=8, hkv=2, d=32, seed=0, pdl_on=False):
     """rope_kv_attention at decode (the decode kernel rotates q and writes each new token's K/V) vs
     rope_write_kv + paged_attention: the same output and the same cache. The new tokens' slots start
-    NaN, so a write the fused kernel skips, or a read before its write, shows in the output."""
+    NaN, so a write the fused kernel skips, or a read before its write, shows in the output (pdl_on:
+    launched with PDL, where a bf16 cache's keys are read before the kernel's wait and the token's own
+    key and value patched in from registers)."""
     c = Case([1] * len(ctxs), ctxs, block_size=block_size, window=window, fp8=fp8, hq=hq, hkv=hkv, d=d,
              dtype=dtype, device=device, seed=seed)
     g = torch.Generator().manual_seed(seed + 100)
@@ -299,8 +302,9 @@ def _fused_decode_matches_unfused(device, ctxs, block_size, window, splits, fp8,
     q_rot = rope_write_kv(q, k, v, pos, cos, sin, kc, vc, slots, ks, vs)
     ref = paged_attention(q_rot, kc, vc, *args, ks, vs, options=opts)
     kc, vc, ks, vs = caches[1]
-    out = rope_kv_attention(q, k, v, pos, cos, sin, kc, vc, slots, *args, ks, vs, options=opts)
-    what = f"fused decode {ctxs} bs={block_size} w={window} splits={splits} fp8={fp8}"
+    with pdl.enabled(pdl_on):
+        out = rope_kv_attention(q, k, v, pos, cos, sin, kc, vc, slots, *args, ks, vs, options=opts)
+    what = f"fused decode {ctxs} bs={block_size} w={window} splits={splits} fp8={fp8} pdl={pdl_on}"
     assert torch.isfinite(out.float()).all(), what
     assert_close(out, ref, max_tol=1e-3, rms_tol=1e-4, what=what)
     for a, b in zip(caches[0], caches[1]):
@@ -448,10 +452,15 @@ def test_gpu_rope_write_kv(fp8):
 @needs_cuda
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("window", [None, 128])
-def test_gpu_fused_decode_rope_kv(fp8, window):
+@pytest.mark.parametrize("pdl_on", [False, True])
+def test_gpu_fused_decode_rope_kv(fp8, window, pdl_on):
     for splits in (None, 1, 7):
         _fused_decode_matches_unfused("cuda", [0, 1, 127, 128, 1000, 4095], 16, window, splits, fp8,
-                                      hq=64, hkv=8, d=64, seed=3)
+                                      hq=64, hkv=8, d=64, seed=3, pdl_on=pdl_on)
+    if pdl_on:  # one sequence, as batch-1 decode: the token's key first, last or inside its tile
+        for ctx in (0, 127, 128, 200, 255, 1000):
+            _fused_decode_matches_unfused("cuda", [ctx], 16, window, None, fp8, hq=64, hkv=8, d=64, seed=ctx,
+                                          pdl_on=True)
 
 
 # (block_size, window, fp8): every kernel variant at block 16, other block sizes on a few

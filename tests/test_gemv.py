@@ -68,7 +68,8 @@ def test_kernel_in_interpreter():
             "         (1, 40, 300, True, O(4, 128, programs_per_sm=1)), (2, 33, 1000, False, O(2, 256, programs_per_sm=2)))\n"
             "for i, (M, N, K, b, o) in enumerate(cases):\n"
             "    t.check_against_twin('cpu', torch.float32, M, N, K, b, o, i)\n"
-            "for i, (N, K, rd, o) in enumerate(((32, 2880, torch.float32, O(1, 2048)), (5, 300, torch.float32, O(2, 128)),\n"
+            "for i, (N, K, rd, o) in enumerate(((32, 2880, torch.float32, O(1, 4096, 8)), (5, 300, torch.float32, O(2, 128)),\n"
+            "                                   (24, 300, torch.float32, O(8, 128)),\n"
             "                                   (40, 300, torch.float32, O(4, 128, programs_per_sm=1)))):\n"
             "    t.check_norm_against_twin('cpu', torch.float32, N, K, rd, o, 10 + i)\n"
             "import gptoss.kernels.gemv as g\n"
@@ -84,9 +85,9 @@ def test_kernel_in_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("res_dtype", [torch.bfloat16, torch.float32])
 def test_gpu_norm_gemv_matches_twin(res_dtype):
-    from gptoss.model.gpt_oss import QKV_GEMV, ROUTER_GEMV
+    from gptoss.model.gpt_oss import QKV_GEMV, QKV_NORM_GEMV, ROUTER_GEMV
     for i, (N, K, o) in enumerate(((32, 2880, ROUTER_GEMV), (32, 2880, GemvOptions()), (640, 2880, GemvOptions(2, 512)),
-                                   (5120, 2880, QKV_GEMV))):
+                                   (5120, 2880, QKV_GEMV), (5120, 2880, QKV_NORM_GEMV))):
         check_norm_against_twin("cuda", torch.bfloat16, N, K, res_dtype, o, i)
 
 

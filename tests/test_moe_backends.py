@@ -737,6 +737,39 @@ def test_cuda_graph_capture_gpu(cuda_weights, T):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ep", [False, True])
+def test_token_kernels_in_pdl_graph_gpu(cuda_weights, ep):
+    """Batch-1 MoE in a PDL graph after a router GEMV, as in decode: down finds its expert from the
+    logits and loads its first weights before its PDL wait (moe_token.DOWN_EARLY). Every replay, with
+    fresh inputs, matches the torch backend; on an EP rank the programs of other ranks' experts
+    return, having waited."""
+    from gptoss.kernels import moe_token, pdl
+    from gptoss.kernels.gemv import linear_rows
+    assert moe_token.DOWN_EARLY
+    spec = MoESpec(128, 4, 2880, 2880, expert_start=32, num_local_experts=32) if ep else MoESpec(32, 4, 2880, 2880)
+    w = cuda_weights(32, 2880, 2880)
+    m = get_moe_backend("triton", "cuda", None)(w, spec, torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(5 + ep)
+    x = torch.randn(1, 2880, generator=g, device="cuda").bfloat16()
+    z = torch.randn(1, 2880, generator=g, device="cuda").bfloat16()
+    w_router = torch.randn(spec.num_experts, 2880, generator=g, device="cuda").bfloat16()
+    with pdl.enabled(True):
+        m.forward(x, linear_rows(z, w_router))  # compile the PDL variants outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            lg = linear_rows(z, w_router)
+            out = m.forward(x, lg)
+    ref_backend = get_moe_backend("torch", "cuda", None)(w, spec, torch.bfloat16)
+    for _ in range(3):
+        x.copy_(torch.randn(1, 2880, generator=g, device="cuda").bfloat16())
+        z.copy_(torch.randn(1, 2880, generator=g, device="cuda").bfloat16())
+        graph.replay()
+        em, er = errors(out, ref_backend.forward(x, lg))
+        assert em < 2e-2 and er < 4e-3, (ep, em, er)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 700])
 def test_triton_dot_scaled_upcast_gpu(cuda_weights, T):
     """"triton" with upcast="dot_scaled" (checkpoint codes through tl.dot_scaled), the other path."""

@@ -25,6 +25,7 @@ from .attention_torch import paged_attention_torch, rope_write_kv_torch, write_k
 
 # the interpreter (TRITON_INTERPRET=1 before this module was imported) runs the kernels on CPU tensors
 INTERPRETED = type(_k._decode_kernel).__name__ == "InterpretedFunction"
+EARLY_DECODE = True  # under PDL the decode kernel reads the cache's keys before its wait (attention_triton)
 FUSED_DECODE_KV = True  # rope_kv_attention: decode steps rotate and write K/V in the decode kernel
 
 
@@ -268,6 +269,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_SIZE=BS, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=D,
         BLOCK_N=opts.decode_block_n,
         FP8=fp8, USE_WINDOW=window > 0, SPLIT=splits > 1, DOT=dot, ROPE_KV=_new_kv is not None,
+        EARLY=EARLY_DECODE and _new_kv is not None and pdl.args()["PDL"] and not fp8 and k_cache.dtype == k.dtype,
         num_warps=_decode_warps(Hkv * B * splits, q.device, opts), num_stages=opts.decode_num_stages,
         **pdl.args())
     if splits > 1:

@@ -128,20 +128,16 @@ def _to_dot_dtype(q, qk_scale, DOT: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_ptr, kvh,
-                 stride_cb, stride_ct, stride_ch, stride_sb, stride_st, qk_scale,
-                 key_end, qpos, window, BLOCK_SIZE: tl.constexpr,
-                 D: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
-                 MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr):
-    """One online-softmax step over keys [n0, n0 + BLOCK_N) gathered through the block table.
-
-    q [M, D]; acc [M, D] f32; m_i, l_i [M] f32 (base-2 logits). MASK_KEYS masks keys >= key_end
-    (and never loads them); CAUSAL / USE_WINDOW mask against the query positions qpos [M].
-    """
+def _load_kv_tile(n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_ptr, kvh, stride_cb, stride_ct, stride_ch,
+                  stride_sb, stride_st, key_end, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  FP8: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """Keys [n0, n0 + BLOCK_N) of KV head kvh gathered through the block table: (k, v [BLOCK_N, D] as
+    stored, their fp8 scales [BLOCK_N] (FP8, else k's first column, unused)). MASK_KEYS: keys >=
+    key_end are not loaded (zeros)."""
     pos = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
+    kmask = pos < key_end
     if MASK_KEYS:
-        kmask = pos < key_end
         blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
     else:
         blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE).to(tl.int64)
@@ -152,9 +148,6 @@ def _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_pt
     else:
         k = tl.load(kc_ptr + row[:, None] + d[None, :])
         v = tl.load(vc_ptr + row[:, None] + d[None, :])
-    k = k.to(q.dtype)  # q is already in the dot dtype
-    v = v.to(q.dtype)
-    s = tl.dot(q, tl.trans(k))  # [M, BLOCK_N] f32
     if FP8:
         srow = blk * stride_sb + (pos % BLOCK_SIZE) * stride_st + kvh
         if MASK_KEYS:
@@ -163,11 +156,30 @@ def _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_pt
         else:
             ksc = tl.load(ks_ptr + srow)
             vsc = tl.load(vs_ptr + srow)
+    else:
+        ksc = pos.to(tl.float32)
+        vsc = ksc
+    return k, v, ksc, vsc
+
+
+@triton.jit
+def _attend_kv(q, acc, m_i, l_i, n0, k, v, ksc, vsc, qk_scale, key_end, qpos, window, BLOCK_N: tl.constexpr,
+               FP8: tl.constexpr, MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """One online-softmax step over the keys [n0, n0 + BLOCK_N) of a loaded tile (_load_kv_tile's).
+
+    q [M, D]; acc [M, D] f32; m_i, l_i [M] f32 (base-2 logits). MASK_KEYS masks keys >= key_end;
+    CAUSAL / USE_WINDOW mask against the query positions qpos [M].
+    """
+    pos = n0 + tl.arange(0, BLOCK_N)
+    k = k.to(q.dtype)  # q is already in the dot dtype
+    v = v.to(q.dtype)
+    s = tl.dot(q, tl.trans(k))  # [M, BLOCK_N] f32
+    if FP8:
         s = s * (ksc * qk_scale)[None, :]
     else:
         s = s * qk_scale
     if MASK_KEYS:
-        ok = kmask[None, :]
+        ok = (pos < key_end)[None, :]
         if CAUSAL:
             ok = ok & (pos[None, :] <= qpos[:, None])
         if USE_WINDOW:
@@ -184,6 +196,19 @@ def _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_pt
         pv = tl.dot(p.to(v.dtype), v)
     acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_ptr, kvh,
+                 stride_cb, stride_ct, stride_ch, stride_sb, stride_st, qk_scale,
+                 key_end, qpos, window, BLOCK_SIZE: tl.constexpr,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
+                 MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """_load_kv_tile, then _attend_kv."""
+    k, v, ksc, vsc = _load_kv_tile(n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_ptr, kvh, stride_cb, stride_ct,
+                                   stride_ch, stride_sb, stride_st, key_end, BLOCK_SIZE, D, BLOCK_N, FP8, MASK_KEYS)
+    return _attend_kv(q, acc, m_i, l_i, n0, k, v, ksc, vsc, qk_scale, key_end, qpos, window, BLOCK_N, FP8,
+                      MASK_KEYS, CAUSAL, USE_WINDOW)
 
 
 @triton.jit
@@ -246,35 +271,57 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_
 
 
 @triton.jit
-def _rope_kv_decode(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
-                    t, t_real, kvh, heads, qmask, write, stride_qt, stride_qh, stride_kt, stride_kh,
-                    stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
-                    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr):
-    """The decode kernel's own rope + KV write (_write_kv_kernel's math, for one token and KV head):
-    returns the token's rotated q heads [BLOCK_H, D]; with `write` (the program that attends the
-    token's own key) rotates its k, writes k and v into the cache and waits at a CTA barrier, so the
-    attention after it reads them back."""
+def _rope_cos_sin(pos_ptr, cos_ptr, sin_ptr, t, t_real, D: tl.constexpr):
+    """The token's rotation: cos and sin [D/2] of its position (a padding sequence has no token t)."""
     d2 = tl.arange(0, D // 2)
-    p = tl.load(pos_ptr + tl.where(t_real, t, 0)).to(tl.int64)  # a padding sequence has no token t
-    c = tl.load(cos_ptr + p * (D // 2) + d2)
-    s = tl.load(sin_ptr + p * (D // 2) + d2)
+    p = tl.load(pos_ptr + tl.where(t_real, t, 0)).to(tl.int64)
+    return tl.load(cos_ptr + p * (D // 2) + d2), tl.load(sin_ptr + p * (D // 2) + d2)
+
+
+@triton.jit
+def _rope_kv_decode(q_ptr, k_ptr, v_ptr, c, s, slot, kc_ptr, vc_ptr, ks_ptr, vs_ptr,
+                    t, kvh, heads, qmask, write, stride_qt, stride_qh, stride_kt, stride_kh,
+                    stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, FP8: tl.constexpr,
+                    PATCH: tl.constexpr):
+    """The decode kernel's own rope + KV write (_write_kv_kernel's math, for one token and KV head):
+    returns the token's rotated q heads [BLOCK_H, D] and, PATCH, its k and v rows [1, D] as the cache
+    holds them (else q twice). With `write` (the program that attends the token's own key) it writes
+    k and v into the cache; without PATCH it then waits at a CTA barrier, so the attention after it
+    reads them back."""
     q1, q2 = _load_halves(q_ptr + t * stride_qt, heads * stride_qh, qmask[:, None], D)
     q1, q2 = _rotate(q1, q2, c, s, q_ptr.dtype.element_ty)
     q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), (BLOCK_H, D))  # [q1 | q2] per head
-    if write:
-        h = kvh + tl.zeros([1], tl.int32)  # the write helpers take rows of heads: one row here
-        one = h >= 0
+    h = kvh + tl.zeros([1], tl.int32)  # the write helpers take rows of heads: one row here
+    one = h >= 0
+    k_row = q
+    v_row = q
+    if PATCH:
         k1, k2 = _load_halves(k_ptr + t * stride_kt, h * stride_kh, one[:, None], D)
         k1, k2 = _rotate(k1, k2, c, s, k_ptr.dtype.element_ty)
         v1, v2 = _load_halves(v_ptr + t * stride_vt, h * stride_vh, one[:, None], D)
+        k_row = tl.reshape(tl.permute(tl.join(k1, k2), (0, 2, 1)), (1, D))
+        v_row = tl.reshape(tl.permute(tl.join(v1, v2), (0, 2, 1)), (1, D))
+    if write:
+        if not PATCH:
+            k1, k2 = _load_halves(k_ptr + t * stride_kt, h * stride_kh, one[:, None], D)
+            k1, k2 = _rotate(k1, k2, c, s, k_ptr.dtype.element_ty)
+            v1, v2 = _load_halves(v_ptr + t * stride_vt, h * stride_vh, one[:, None], D)
         blk = slot // BLOCK_SIZE
         off = slot % BLOCK_SIZE
         dst = blk * stride_cb + off * stride_ct + h * stride_ch
         sdst = blk * stride_sb + off * stride_st + h
         _store_kv_halves(kc_ptr, ks_ptr, dst, sdst, k1, k2, one[:, None], one, D, FP8)
         _store_kv_halves(vc_ptr, vs_ptr, dst, sdst, v1, v2, one[:, None], one, D, FP8)
-    tl.debug_barrier()  # a CTA barrier orders the block's global writes before its later reads
-    return q
+    if not PATCH:
+        tl.debug_barrier()  # a CTA barrier orders the block's global writes before its later reads
+    return q, k_row, v_row
+
+
+@triton.jit
+def _patch(x, row, n0, own, BLOCK_N: tl.constexpr):
+    """Tile x [BLOCK_N, D] of keys n0.. with key `own` replaced by row [1, D]."""
+    return tl.where((n0 + tl.arange(0, BLOCK_N) == own)[:, None], row, x)
 
 
 @triton.jit
@@ -286,13 +333,18 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
                    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr,
                    FP8: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                   DOT: tl.constexpr, ROPE_KV: tl.constexpr, PDL: tl.constexpr):
-    pdl_enter(PDL)
+                   DOT: tl.constexpr, ROPE_KV: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr = False):
     # one query token per sequence; program (KV head, sequence, split) takes the GROUP query heads of
     # its KV head as the rows of one tile (padded to BLOCK_H >= 16 for tl.dot) and a slice of keys.
     # A sequence's KV heads run side by side: they share the 32-byte sectors of the fp8 scales.
     # ROPE_KV: q, k and v come unrotated from the projection; the kernel rotates q, and the program
     # whose keys end at the token's own writes its k and v into the cache (no KV-write kernel before).
+    # EARLY (ROPE_KV under PDL, a cache in k's dtype): what the step's inputs and the cache hold (the
+    # lengths, the rotation, the first tile of keys) is read before the PDL wait, while the qkv GEMM
+    # still runs; the token's own key and value, not yet in the cache then, are patched into the
+    # tiles from registers.
+    if not EARLY:
+        pdl_enter(PDL)
     kvh = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -315,17 +367,6 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
     d = tl.arange(0, D)
     t_real = t < t_end
     t = t.to(tl.int64)
-    if ROPE_KV:
-        slot = tl.load(slot_ptr + tl.where(t_real, t, 0)).to(tl.int64)  # a padding sequence has no token t
-        write = t_real & (end == seq_len) & (start < end) & (slot >= 0)  # slot < 0: a graph's padding row
-        q = _rope_kv_decode(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot, kc_ptr, vc_ptr, ks_ptr,
-                            vs_ptr, t, t_real, kvh, heads, qmask, write, stride_qt, stride_qh, stride_kt, stride_kh,
-                            stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
-                            BLOCK_SIZE, BLOCK_H, D, FP8)
-    else:
-        q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                    mask=qmask[:, None], other=0.0)
-    q, qk_scale = _to_dot_dtype(q, qk_scale, DOT)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
     if SPLIT:
@@ -336,12 +377,41 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
         m_i = sink
         l_i = tl.full([BLOCK_H], 1.0, dtype=tl.float32)
     qpos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
-    for n0 in range(start, end, BLOCK_N):
-        # keys in [start, end) all pass the causal and window tests: only the end is masked
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
-                                     kvh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
-                                     qk_scale, end, qpos, window, BLOCK_SIZE,
-                                     D, BLOCK_N, FP8, True, False, False)
+    if ROPE_KV:
+        c, s = _rope_cos_sin(pos_ptr, cos_ptr, sin_ptr, t, t_real, D)
+        slot = tl.load(slot_ptr + tl.where(t_real, t, 0)).to(tl.int64)  # a padding sequence has no token t
+        write = t_real & (end == seq_len) & (start < end) & (slot >= 0)  # slot < 0: a graph's padding row
+        if EARLY:
+            k0, v0, ksc0, vsc0 = _load_kv_tile(start, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, kvh, stride_cb,
+                                               stride_ct, stride_ch, stride_sb, stride_st, end, BLOCK_SIZE, D,
+                                               BLOCK_N, FP8, True)
+            pdl_enter(PDL)
+        q, k_row, v_row = _rope_kv_decode(q_ptr, k_ptr, v_ptr, c, s, slot, kc_ptr, vc_ptr, ks_ptr, vs_ptr, t, kvh,
+                                          heads, qmask, write, stride_qt, stride_qh, stride_kt, stride_kh,
+                                          stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_sb,
+                                          stride_st, BLOCK_SIZE, BLOCK_H, D, FP8, EARLY)
+    else:
+        q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=qmask[:, None], other=0.0)
+    q, qk_scale = _to_dot_dtype(q, qk_scale, DOT)
+    # keys in [start, end) all pass the causal and window tests: only the end is masked
+    if EARLY:
+        own = seq_len - 1  # the token's own key: from registers, the cache may not hold it yet
+        acc, m_i, l_i = _attend_kv(q, acc, m_i, l_i, start, _patch(k0, k_row, start, own, BLOCK_N),
+                                   _patch(v0, v_row, start, own, BLOCK_N), ksc0, vsc0, qk_scale, end, qpos, window,
+                                   BLOCK_N, FP8, True, False, False)
+        for n0 in range(start + BLOCK_N, end, BLOCK_N):
+            k, v, ksc, vsc = _load_kv_tile(n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, kvh, stride_cb, stride_ct,
+                                           stride_ch, stride_sb, stride_st, end, BLOCK_SIZE, D, BLOCK_N, FP8, True)
+            acc, m_i, l_i = _attend_kv(q, acc, m_i, l_i, n0, _patch(k, k_row, n0, own, BLOCK_N),
+                                       _patch(v, v_row, n0, own, BLOCK_N), ksc, vsc, qk_scale, end, qpos, window,
+                                       BLOCK_N, FP8, True, False, False)
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
+                                         kvh, stride_cb, stride_ct, stride_ch, stride_sb, stride_st,
+                                         qk_scale, end, qpos, window, BLOCK_SIZE,
+                                         D, BLOCK_N, FP8, True, False, False)
     if SPLIT:
         pidx = (b * (GROUP * tl.num_programs(0)) + heads) * num_splits + split  # [B, Hq, S]
         tl.store(part_m_ptr + pidx, m_i, mask=gmask)

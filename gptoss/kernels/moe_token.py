@@ -67,6 +67,7 @@ class TokenOptions:
 # warps on one row group's K and 2 programs a row group, one buffer (9.9 us; 10.9 with two)
 GATE_UP_OPTIONS = TokenOptions(num_warps=8, prefetch=2, k_warps=2)
 DOWN_OPTIONS = TokenOptions(num_warps=4, split_k=2, prefetch=1, k_warps=4)
+DOWN_EARLY = True  # under PDL, down finds its expert and loads its first weights before the wait
 
 
 def _mma_asm() -> str:
@@ -183,12 +184,13 @@ def _chunk(acc, x32, w, s, c, top, c_hi, K, t, NW: tl.constexpr, RG: tl.constexp
 @triton.jit
 def _row_sums(x32, w_ptr, ws_ptr, K, G0, n_groups, c_lo, c_hi, stride_wn, stride_sn,
               NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, PF: tl.constexpr, MASK: tl.constexpr,
-              TAIL: tl.constexpr, INTERPRET: tl.constexpr, XC: tl.constexpr):
+              TAIL: tl.constexpr, INTERPRET: tl.constexpr, XC: tl.constexpr, WAIT: tl.constexpr = False):
     """The sums of rows 16G .. 16G + 15 of the program's NW / KS * RG row groups G = G0 + RG * (warp // KS)
     + i over K chunks c_lo .. c_hi: [NW / KS, RG, 16] fp32 (row 16G + n at [.., n]). The KS warps of a
     row group take every KS-th chunk and meet in a cross-warp sum at the end (more warps an SM keep
     more loads in flight). MASK: some row groups lie past n_groups, or K is not a multiple of 64; TAIL:
-    the chunks do not divide by KS (a warp past c_hi reloads chunk c_hi - 1 and multiplies it by x = 0)."""
+    the chunks do not divide by KS (a warp past c_hi reloads chunk c_hi - 1 and multiplies it by x = 0).
+    WAIT: the PDL wait comes after the first weight loads (the caller knows the expert before it)."""
     R: tl.constexpr = NW * 32
     r = tl.arange(0, R)
     lane = r % 32
@@ -213,6 +215,7 @@ def _row_sums(x32, w_ptr, ws_ptr, K, G0, n_groups, c_lo, c_hi, stride_wn, stride
         # make the copy at the top of a turn wait for the load issued one turn before
         w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, 0, last, top, KS, MASK)
         w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, 1, last, top, KS, MASK)
+        pdl_enter(WAIT)
         for it in range(0, n_it, 2):
             acc = _chunk(acc, x32, w1, s1, c0 + KS * it, top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET, XC)
             w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it + 2, last, top, KS, MASK)
@@ -222,11 +225,13 @@ def _row_sums(x32, w_ptr, ws_ptr, K, G0, n_groups, c_lo, c_hi, stride_wn, stride
                 w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it + 3, last, top, KS, MASK)
     elif PF == 1:  # the next chunk through a register rotation (its copy waits on the load a turn before)
         w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, 0, last, top, KS, MASK)
+        pdl_enter(WAIT)
         for it in range(0, n_it):
             w, s = w1, s1
             w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it + 1, last, top, KS, MASK)
             acc = _chunk(acc, x32, w, s, c0 + KS * it, top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET, XC)
     else:
+        pdl_enter(WAIT)
         for it in range(0, n_it):
             w, s = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it, last, top, KS, MASK)
             acc = _chunk(acc, x32, w, s, c0 + KS * it, top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET, XC)
@@ -300,16 +305,26 @@ def _gate_up_kernel(x_ptr, a_ptr, zero_ptr, n_zero, w_ptr, ws_ptr, b_ptr, logits
 
 
 @triton.jit
-def _down_kernel(a_ptr, out_ptr, w_ptr, ws_ptr, b_ptr, ids_ptr, topk_w_ptr, expert_start, E_LOCAL,
+def _down_kernel(a_ptr, out_ptr, w_ptr, ws_ptr, b_ptr, ids_ptr, topk_w_ptr, logits_ptr, E, expert_start, E_LOCAL,
                  K, N, stride_a, chunks_per_split, n_chunks, stride_we, stride_wn, stride_se, stride_sn,
                  HAS_BIAS: tl.constexpr, NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, PF: tl.constexpr,
-                 MASK: tl.constexpr, TAIL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
-    pdl_enter(PDL)
+                 MASK: tl.constexpr, TAIL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+                 EARLY: tl.constexpr = False, TOP_K: tl.constexpr = 1, E_PAD: tl.constexpr = 1,
+                 K_PAD: tl.constexpr = 1):
+    # EARLY (under PDL): the expert comes from the router's logits, which the kernel before gate_up
+    # wrote, so the first weight loads go out before the wait, while gate_up still runs
     j = tl.program_id(0)
     pid = tl.program_id(1)
     pid_k = tl.program_id(2)
-    e, _, _ = _inline_rows(tl.load(ids_ptr + j), j, expert_start, E_LOCAL, 1)
+    if EARLY:
+        e = _inline_topk(logits_ptr, ids_ptr, topk_w_ptr, E, j, False, TOP_K, E_PAD, K_PAD)
+    else:
+        pdl_enter(PDL)
+        e = tl.load(ids_ptr + j)
+    e, _, _ = _inline_rows(e, j, expert_start, E_LOCAL, 1)
     if e < 0:
+        if EARLY:
+            pdl_enter(PDL)  # every program waits: the grid ends after gate_up, which zeroes `out`
         return
     e64 = e.to(tl.int64)
     G0 = pid * (NW // KS) * RG
@@ -317,7 +332,7 @@ def _down_kernel(a_ptr, out_ptr, w_ptr, ws_ptr, b_ptr, ids_ptr, topk_w_ptr, expe
     c_hi = tl.minimum(c_lo + chunks_per_split, n_chunks)
     y = _row_sums((a_ptr + j * stride_a).to(tl.pointer_type(tl.int32)), w_ptr + e64 * stride_we,
                   ws_ptr + e64 * stride_se, K, G0, N // 16, c_lo, c_hi, stride_wn, stride_sn, NW, RG, KS, PF, MASK,
-                  TAIL, INTERPRET, True)
+                  TAIL, INTERPRET, True, EARLY)
     G = G0 + RG * tl.arange(0, NW // KS)[:, None, None] + tl.arange(0, RG)[None, :, None]
     n = 16 * G + tl.arange(0, 16)[None, None, :]
     ok = n < N
@@ -401,10 +416,13 @@ def token_down(a: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Te
     split = max(1, min(opts.split_k, n_chunks))
     per = triton.cdiv(n_chunks, split)
     split = triton.cdiv(n_chunks, per)  # no empty split (its prefetch would read past the weights)
+    n_experts = routing.logits.shape[1]
+    early = DOWN_EARLY and pdl.args()["PDL"]
     _down_kernel[(k, triton.cdiv(N // 16, _groups(opts)), split)](
         a, out, w.data, w.scales, bias if bias is not None else out, routing.topk_ids, routing.topk_weights,
-        routing.expert_start, routing.num_local_experts, K, N, a.stride(0), per, n_chunks, w.data.stride(0),
+        routing.logits, n_experts, routing.expert_start, routing.num_local_experts, K, N, a.stride(0), per, n_chunks, w.data.stride(0),
         w.data.stride(1), w.scales.stride(0), w.scales.stride(1), HAS_BIAS=bias is not None,
         **_consts(N, K, (per, n_chunks - per * (split - 1)), opts), num_warps=opts.num_warps, num_stages=1,
+        EARLY=early, TOP_K=k, E_PAD=triton.next_power_of_2(n_experts), K_PAD=triton.next_power_of_2(k),
         **pdl.args())
     return out

@@ -27,11 +27,18 @@ GEMV_O_PROJ = True
 GEMV_ROUTER = True
 GEMV_QKV = True
 NORM_ROUTER = True  # one-row steps: the MLP's norm inside the router GEMV (one kernel less a layer)
-# the router's [32, 2880] weight: one output column per program (H100: 2.7 us, cuBLAS 6.0 in two kernels)
-ROUTER_GEMV = GemvOptions(block_n=1, block_k=2048)
+NORM_QKV = True     # one-row steps: the attention's norm inside the qkv GEMV (one kernel less a layer)
+# the router's [32, 2880] weight: one output column a program, all of K in one step over 8 warps (H100,
+# batch-1 step: 1.887 vs 1.904 ms a token with K in two 2048-wide steps over 4 warps)
+ROUTER_GEMV = GemvOptions(block_n=1, block_k=4096, num_warps=8)
 # qkv [5120, 2880]: two columns a program (H100, one-row kernel, PDL graphs: 11.5 us; four columns on
 # a persistent grid 13.3, cuBLAS 13.3; ours takes part in PDL, cuBLAS does not)
 QKV_GEMV = GemvOptions()
+# qkv with the norm: every program normalises the row itself (K values from L2), so it takes eight
+# columns, where the redone norm costs a quarter of its weights' time (H100, batch-1 step: 1.887 vs
+# 1.904 ms a token with the norm kernel; at two columns, 2.082 vs 2.015 in the third session)
+QKV_NORM_GEMV = GemvOptions(block_n=8)
+O_GEMV = GemvOptions()  # o [2880, 4096]: two columns a program (wider K steps measured slower in the step)
 
 
 def _gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -81,14 +88,17 @@ class AttentionBlock(nn.Module):
         """(residual stream, the previous block's output not yet added, in any float dtype) -> the
         same pair after this block: the add is folded into this block's norm."""
         ctx = get_forward_context()
-        # (the norm inside the qkv GEMV, as the router's, measured slower: 2.082 vs 2.015 ms a token, H100,
-        # every qkv program normalising the row again; docs/benchmarks.md)
-        t, x = self.norm(x, delta) if delta is not None else (self.norm(x), x)
+        gemv = GEMV_QKV and _gemv_ok(x, self.qkv_weight)
         with stage("attn.qkv"):
-            if GEMV_QKV and _gemv_ok(t, self.qkv_weight):
-                qkv = linear_rows(t, self.qkv_weight, self.qkv_bias, QKV_GEMV)
+            if gemv and NORM_QKV and delta is not None:
+                _, x, qkv = rms_norm_linear_rows(x, delta, self.norm.weight, self.norm.eps, self.qkv_weight,
+                                                 self.qkv_bias, QKV_NORM_GEMV)
             else:
-                qkv = F.linear(t, self.qkv_weight, self.qkv_bias)  # [T, q + 2kv]
+                t, x = self.norm(x, delta) if delta is not None else (self.norm(x), x)
+                if gemv:
+                    qkv = linear_rows(t, self.qkv_weight, self.qkv_bias, QKV_GEMV)
+                else:
+                    qkv = F.linear(t, self.qkv_weight, self.qkv_bias)  # [T, q + 2kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))  # [T, Hq, D]
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))  # [T, Hkv, D]
@@ -107,7 +117,7 @@ class AttentionBlock(nn.Module):
             bias = self.out_bias if self.par.tp_rank == 0 else None
             o = o.flatten(1)
             if GEMV_O_PROJ and _gemv_ok(o, self.out_weight):
-                o = linear_rows(o, self.out_weight, bias)  # batch-1 decode: 9.3 us vs cuBLAS 14.2 (20b, H100)
+                o = linear_rows(o, self.out_weight, bias, O_GEMV)  # batch-1 decode: 9.3 us vs cuBLAS 14.2 (20b, H100)
             else:
                 o = F.linear(o, self.out_weight, bias)
         return x, self.par.all_reduce(o)
