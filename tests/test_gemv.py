@@ -27,18 +27,23 @@ def check_against_twin(device: str, dtype: torch.dtype, M: int, N: int, K: int, 
 
 
 def check_norm_against_twin(device: str, dtype: torch.dtype, N: int, K: int, res_dtype: torch.dtype, opts,
-                            seed: int):
+                            seed: int, t_chunk_order: bool = False):
     """The norm + GEMV kernel: t and h as rms_norm gives them (a bf16 t may round the other way where
-    the sum of squares differs in its last bit), y as linear_rows of that t."""
+    the sum of squares differs in its last bit), y as linear_rows of that t (t_chunk_order: t written
+    in moe_token's chunk order)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, K, generator=g).to(dtype).to(device)
     r = torch.randn(1, K, generator=g).to(res_dtype).to(device)
     nw = (1 + 0.1 * torch.randn(K, generator=g)).to(dtype).to(device)
     w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype).to(device)
     b = torch.randn(N, generator=g).to(dtype).to(device)
-    t, h, y = rms_norm_linear_rows(x, r, nw, 1e-5, w, b, opts)
+    t, h, y = rms_norm_linear_rows(x, r, nw, 1e-5, w, b, opts, t_chunk_order)
     t_ref, h_ref, y_ref = rms_norm_linear_rows_torch(x, r, nw, 1e-5, w, b)
     assert t.dtype == h.dtype == y.dtype == dtype and y.shape == (1, N)
+    if t_chunk_order:
+        from gptoss.kernels.moe_token import natural_order
+        assert t.shape == (1, 64 * -(-K // 64))
+        t = natural_order(t, K)
     assert torch.equal(h, h_ref)
     tol = 1e-5 if dtype == torch.float32 else 2 ** -7
     for name, a, ref in (("t", t, t_ref), ("y", y, y_ref)):
@@ -72,6 +77,7 @@ def test_kernel_in_interpreter():
             "                                   (24, 300, torch.float32, O(8, 128)),\n"
             "                                   (40, 300, torch.float32, O(4, 128, programs_per_sm=1)))):\n"
             "    t.check_norm_against_twin('cpu', torch.float32, N, K, rd, o, 10 + i)\n"
+            "t.check_norm_against_twin('cpu', torch.float32, 24, 300, torch.float32, O(8, 128), 15, True)\n"
             "import gptoss.kernels.gemv as g\n"
             "g.ONE_ROW_PATH = False  # one row through the two-row (3-D) form, the A/B switch\n"
             "t.check_against_twin('cpu', torch.float32, 1, 40, 300, True, O(), 20)\n"
@@ -89,6 +95,7 @@ def test_gpu_norm_gemv_matches_twin(res_dtype):
     for i, (N, K, o) in enumerate(((32, 2880, ROUTER_GEMV), (32, 2880, GemvOptions()), (640, 2880, GemvOptions(2, 512)),
                                    (5120, 2880, QKV_GEMV), (5120, 2880, QKV_NORM_GEMV))):
         check_norm_against_twin("cuda", torch.bfloat16, N, K, res_dtype, o, i)
+    check_norm_against_twin("cuda", torch.bfloat16, 32, 2880, res_dtype, ROUTER_GEMV, 9, t_chunk_order=True)
 
 
 @pytest.mark.gpu

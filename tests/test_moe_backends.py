@@ -420,6 +420,10 @@ def check_token_kernels(G, R, T_, g, device, E, start, n_local, H, I, opts, tol)
         torch.testing.assert_close(r.topk_weights, ref.topk_weights, atol=1e-6, rtol=1e-5)
         em, er = errors(T_.natural_order(a, I)[local], a_ref[ref.assign_pos[local].long()])
         assert em < tol[0] and er < tol[1], (up_opts, em, er)
+        # x in the chunk order (two 16-byte loads a chunk): the same words into the same sums
+        a_c = T_.token_gate_up(T_.chunk_order(x), R.inline_routing(lg, k, start, n_local), w1, b1, 1.702, 7.0,
+                               up_opts, x_chunk_order=True)
+        assert torch.equal(T_.natural_order(a_c, I)[local], T_.natural_order(a, I)[local]), up_opts
         y = T_.token_down(a, r, w2, b2, out, down_opts)
         assert y is out
         em, er = errors(y, y_ref)
@@ -448,6 +452,9 @@ def test_token_kernels_match_twins(interp, start, n_local, E, H, I):
     odd = torch.randn(65).bfloat16()[1:].view(1, 64)  # bf16 pairs read as words need 4-byte alignment
     with pytest.raises(ValueError, match="4-byte aligned"):
         T_.token_gate_up(odd, r, w1, w.gate_up_bias.float(), 1.702, 7.0)
+    with pytest.raises(ValueError, match=r"16-byte aligned bfloat16 \[1, 64\] \(in the chunk order"):
+        T_.token_gate_up(torch.zeros(1, 66).bfloat16()[:, 2:], r, w1, w.gate_up_bias.float(), 1.702, 7.0,
+                         x_chunk_order=True)
     w2 = interp.gemm.prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, "bf16x2", True)
     with pytest.raises(ValueError, match=r"\[4, 64\] in the chunk order"):  # down takes gate_up's `a` only
         T_.token_down(torch.zeros(4, 32).bfloat16(), r, w2, None, torch.zeros(1, 64))
@@ -457,6 +464,24 @@ def test_token_kernels_match_twins(interp, start, n_local, E, H, I):
     assert B.TritonMoE(w, spec, torch.bfloat16)._token_kernels
     assert not B.TritonMoE(w, spec, torch.bfloat16, config=B.MoEKernelConfig())._token_kernels
     assert not B.TritonMoE(w, spec, torch.float32)._token_kernels
+    # ... and then would take one token's x in the chunk order (the router kernel writes it so); given
+    # it where it does not take it (more tokens), the backend puts x back in order
+    m = B.TritonMoE(w, spec, torch.bfloat16)
+    assert m.takes_chunk_order(1) and not m.takes_chunk_order(2)
+    assert not B.TritonMoE(w, spec, torch.bfloat16, config=B.MoEKernelConfig()).takes_chunk_order(1)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 64, generator=g).bfloat16()
+    lg = torch.randn(1, 8, generator=g).bfloat16()
+    want = m.forward_sum(x, lg)
+    assert torch.equal(m.forward_sum(T_.chunk_order(x), lg, x_chunk_order=True), want)
+    B.TOKEN_KERNELS = False  # moe_gemm's kernels read x in its natural order
+    try:
+        assert not m.takes_chunk_order(1)
+        assert torch.equal(m.forward_sum(T_.chunk_order(x), lg, x_chunk_order=True), m.forward_sum(x, lg))
+    finally:
+        B.TOKEN_KERNELS = True
+    with pytest.raises(ValueError, match="natural order"):
+        get_moe_backend("torch", "cpu", None)(w, spec, torch.bfloat16).forward_sum(x, lg, x_chunk_order=True)
 
 
 def test_split_k_workspace_grows_and_keeps_the_outgrown():

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .moe_token import _chunk_pos, chunk_order
 from .pdl import pdl_enter
 from .sm_count import sm_count
 
@@ -58,14 +59,14 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
                  stride_xm, stride_wn, stride_ym,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  NORM: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr, ONE_ROW: tl.constexpr = False,
-                 VEC: tl.constexpr = 8):
+                 VEC: tl.constexpr = 8, T_CHUNK: tl.constexpr = False):
     # strips of BLOCK_N output columns, pid, pid + P, ...; each K step's weight load is issued before
     # the previous step's math, and past a strip's last step it loads the next strip's first (the
     # load after the last strip fully masked). The weights do not depend on the kernel before: the
     # first load comes before the PDL wait.
     # NORM (one row): the GEMV's input is t = rms_norm(x + r) * nw. Every program computes the row's
     # norm (K values from L2) and builds t's K steps itself; program 0 also stores h = x + r and t,
-    # for the residual stream and the next GEMM.
+    # for the residual stream and the next GEMM (T_CHUNK: t in moe_token's chunk order, for its gate_up).
     P = tl.num_programs(0)
     n_strips = tl.cdiv(N, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
@@ -86,7 +87,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
         rstd = 1.0 / tl.sqrt(tl.sum(hv * hv, axis=0) / K + eps)
         if tl.program_id(0) == 0:
             tl.store(h_ptr + ks, hv.to(h_ptr.dtype.element_ty), mask=ks < K)
-            tl.store(t_ptr + ks, _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, ks, K, rstd).to(t_ptr.dtype.element_ty),
+            t_at = _chunk_pos(ks) if T_CHUNK else ks
+            tl.store(t_ptr + t_at, _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, ks, K, rstd).to(t_ptr.dtype.element_ty),
                      mask=ks < K)
     for s in range(tl.program_id(0), n_strips, P):
         n = s * BLOCK_N + cols
@@ -126,7 +128,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _launch(x, w, bias, y, opts: GemvOptions, norm=None) -> None:
+def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False) -> None:
     """The GEMV over x's rows, or (norm = (residual, norm_weight, eps, t, h)) over rms_norm(x + residual)."""
     M, K = x.shape
     N = w.shape[0]
@@ -138,7 +140,8 @@ def _launch(x, w, bias, y, opts: GemvOptions, norm=None) -> None:
         x, w, bias if bias is not None else w, y, r, nw, t, h, M, N, K, float(eps), x.stride(0), w.stride(0),
         y.stride(0), BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
         HAS_BIAS=bias is not None, NORM=norm is not None, KP=triton.next_power_of_2(K), ONE_ROW=ONE_ROW_PATH and M == 1,
-        VEC=min(8, opts.block_k), num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
+        VEC=min(8, opts.block_k), T_CHUNK=t_chunk, num_warps=opts.num_warps, num_stages=opts.num_stages,
+        **pdl.args())
 
 
 def linear_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -155,18 +158,22 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def rms_norm_linear_rows(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                         w: torch.Tensor, bias: torch.Tensor | None = None, opts: GemvOptions | None = None):
+                         w: torch.Tensor, bias: torch.Tensor | None = None, opts: GemvOptions | None = None,
+                         t_chunk_order: bool = False):
     """One row: (t, h, y) with h = x + residual, t = rms_norm(h) * norm_weight, y = t @ w^T + bias, in one
-    kernel (rms_norm's and linear_rows' results, up to the order of the sums). x, t, h, y in x.dtype."""
+    kernel (rms_norm's and linear_rows' results, up to the order of the sums). x, t, h, y in x.dtype.
+    t_chunk_order: t [1, 64 * ceil(K / 64)] in moe_token's chunk order (what lies past K unwritten), as
+    the one-token MoE's gate_up reads it fastest."""
     K = x.shape[-1]
     if x.shape != (1, K) or residual.shape != (1, K) or w.shape[1] != K or norm_weight.shape != (K,):
         raise ValueError(f"rms_norm_linear_rows: x {tuple(x.shape)}, residual {tuple(residual.shape)}, norm "
                          f"weight {tuple(norm_weight.shape)}, w {tuple(w.shape)}: one row of the same K")
     if not (x.is_contiguous() and residual.is_contiguous() and w.stride(-1) == 1):
         raise ValueError("rms_norm_linear_rows: x, residual and w's rows must be contiguous")
-    t, h = torch.empty_like(x), torch.empty_like(x)
+    t = torch.empty(1, 64 * triton.cdiv(K, 64), dtype=x.dtype, device=x.device) if t_chunk_order else torch.empty_like(x)
+    h = torch.empty_like(x)
     y = torch.empty(1, w.shape[0], dtype=x.dtype, device=x.device)
-    _launch(x, w, bias, y, opts or GemvOptions(), (residual, norm_weight, eps, t, h))
+    _launch(x, w, bias, y, opts or GemvOptions(), (residual, norm_weight, eps, t, h), t_chunk_order)
     return t, h, y
 
 
@@ -179,7 +186,8 @@ def linear_rows_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
 
 
 def rms_norm_linear_rows_torch(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                               w: torch.Tensor, bias: torch.Tensor | None = None, opts: GemvOptions | None = None):
+                               w: torch.Tensor, bias: torch.Tensor | None = None, opts: GemvOptions | None = None,
+                               t_chunk_order: bool = False):
     from .rmsnorm import rms_norm_torch
     t, h = rms_norm_torch(x, norm_weight, eps, residual)
-    return t, h, linear_rows_torch(t, w, bias)
+    return chunk_order(t) if t_chunk_order else t, h, linear_rows_torch(t, w, bias)

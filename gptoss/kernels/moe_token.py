@@ -70,10 +70,12 @@ DOWN_OPTIONS = TokenOptions(num_warps=4, split_k=2, prefetch=1, k_warps=4)
 DOWN_EARLY = True  # under PDL, down finds its expert and loads its first weights before the wait
 
 
-def _mma_asm() -> str:
+def _mma_asm(xc: bool = False) -> str:
     """Inline PTX of one K chunk of one row group: operands $0-3 the sums out (c0..c3), $4-7 the four
     bf16x2-encoded words (k16 steps q = 0..3), $8 the scale word ($9-11 copies), $12-15 / $16-19 the
-    B registers of the four steps, $20-23 the sums in. A scale word's bytes are (block 0, row g),
+    B registers of the four steps (xa's, then xb's; xc: the chunk order's (xa0, xb0, xa1, xb1), then
+    (xa2, xb2, xa3, xb3), so that each step's pair sits in adjacent registers of one load), $20-23 the
+    sums in. A scale word's bytes are (block 0, row g),
     (block 0, row g + 8), (block 1, row g), (block 1, row g + 8): 2^(s-1) as bf16 is (s + 126) << 7,
     spread to both halves by prmt."""
     lines = [".reg .b32 t0, t1, a0, a1, a2, a3, sg0, sh0, sg1, sh1;"]
@@ -82,16 +84,18 @@ def _mma_asm() -> str:
     for q in range(4):
         w, sg, sh = f"${4 + q}", f"sg{q // 2}", f"sh{q // 2}"
         acc_in = "{$20, $21, $22, $23}" if q == 0 else "{$0, $1, $2, $3}"
+        b0, b1 = (12 + 2 * q, 13 + 2 * q) if xc else (12 + q, 16 + q)
         # moe_gemm's upcast: a0 = codes k0, k1 and a2 = k4, k5 (row g), a1 = k2, k3 and a3 = k6, k7 (row g + 8)
         lines += [_UPCAST_PTX.format(w=w, k01="a0", k45="a2", k23="a1", k67="a3"),
                   f"mul.bf16x2 a0, a0, {sg};", f"mul.bf16x2 a2, a2, {sg};",
                   f"mul.bf16x2 a1, a1, {sh};", f"mul.bf16x2 a3, a3, {sh};",
                   "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0, $1, $2, $3}, {a0, a1, a2, a3}, "
-                  f"{{${12 + q}, ${16 + q}}}, {acc_in};"]
+                  f"{{${b0}, ${b1}}}, {acc_in};"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
 _MMA_ASM = tl.constexpr(_mma_asm())
+_MMA_ASM_XC = tl.constexpr(_mma_asm(True))
 
 
 @triton.jit
@@ -126,12 +130,17 @@ def _mma_chunk_tl(acc, w, sc, xa, xb, NW: tl.constexpr, RG: tl.constexpr):
 
 
 @triton.jit
-def _mma_chunk(acc, w, sc, xa, xb, NW: tl.constexpr, RG: tl.constexpr, INTERPRET: tl.constexpr):
+def _mma_chunk(acc, w, sc, xa, xb, NW: tl.constexpr, RG: tl.constexpr, INTERPRET: tl.constexpr,
+               XC: tl.constexpr = False):
+    """XC: xa, xb hold the chunk order's two loads, (xa0, xb0, xa1, xb1) and (xa2, xb2, xa3, xb3)."""
     if INTERPRET:
+        if XC:
+            x8 = tl.reshape(tl.permute(tl.join(xa, xb), (0, 2, 1)), (NW * 32, 4, 2))
+            xa, xb = tl.split(x8)
         return _mma_chunk_tl(acc, w, sc, xa, xb, NW, RG)
     R: tl.constexpr = NW * 32
     return tl.inline_asm_elementwise(
-        asm=_MMA_ASM, constraints="=f,=f,=f,=f," + "r," * 16 + "f,f,f,f",
+        asm=_MMA_ASM_XC if XC else _MMA_ASM, constraints="=f,=f,=f,=f," + "r," * 16 + "f,f,f,f",
         args=[w, tl.broadcast_to(sc[:, :, None], (R, RG, 4)), tl.broadcast_to(xa[:, None, :], (R, RG, 4)),
               tl.broadcast_to(xb[:, None, :], (R, RG, 4)), acc],
         dtype=tl.float32, is_pure=True, pack=4)
@@ -164,21 +173,24 @@ def _chunk(acc, x32, w, s, c, top, c_hi, K, t, NW: tl.constexpr, RG: tl.constexp
     eight words side by side (two 16-byte loads); else eight 4-byte loads 16 bytes apart."""
     cr = tl.minimum(c, top)
     q = tl.arange(0, 4)[None, :]
-    nat = 32 * cr + 8 * q + t[:, None]  # [R, 4] x's bf16 pairs of the four k16 steps, xa (xb: + 4)
-    if XC:  # xa's four words, then xb's: two 16-byte loads
+    if XC:  # the chunk order: words 8t + (xa0, xb0, xa1, xb1) and 8t + (xa2, xb2, xa3, xb3), two 16-byte loads
         pos = 32 * cr + 8 * t[:, None] + q
-    else:
-        pos = nat
+        nat = 32 * cr + 8 * (q // 2) + 4 * (q % 2) + t[:, None]  # [R, 4] the first load's natural places
+        hi = 16  # the second load's: two k16 steps on
+    else:  # xa = pairs 8q + t, xb = pairs 8q + 4 + t of the four k16 steps q
+        pos = 32 * cr + 8 * q + t[:, None]
+        nat = pos
+        hi = 4
     if MASK:  # x past K (the codes there are zero padding) or past c_hi (a reloaded chunk)
         xa = tl.load(x32 + pos, mask=(nat < K // 2) & (c < c_hi), other=0)
-        xb = tl.load(x32 + pos + 4, mask=(nat + 4 < K // 2) & (c < c_hi), other=0)
+        xb = tl.load(x32 + pos + 4, mask=(nat + hi < K // 2) & (c < c_hi), other=0)
     elif TAIL:
         xa = tl.load(x32 + pos, mask=c < c_hi, other=0)
         xb = tl.load(x32 + pos + 4, mask=c < c_hi, other=0)
     else:
         xa = tl.load(x32 + pos)
         xb = tl.load(x32 + pos + 4)
-    return _mma_chunk(acc, w, s, xa, xb, NW, RG, INTERPRET)
+    return _mma_chunk(acc, w, s, xa, xb, NW, RG, INTERPRET, XC)
 
 
 @triton.jit
@@ -246,10 +258,12 @@ def _row_sums(x32, w_ptr, ws_ptr, K, G0, n_groups, c_lo, c_hi, stride_wn, stride
 @triton.jit
 def _chunk_pos(i):
     """Where element i of a row goes in the chunk order: its bf16 pair (word) 32c + 8q + 4h + t (q, t in
-    0..3, h in 0..1) to word 32c + 8t + 4h + q, so that lane t's B words of chunk c, xa = pairs 8q + t and
-    xb = pairs 8q + 4 + t (q = 0..3), are two runs of four."""
+    0..3, h in 0..1) to word 32c + 8t + 2q + h, so that lane t's B words of chunk c, xa = pairs 8q + t and
+    xb = pairs 8q + 4 + t (q = 0..3), are one run of eight with each k16 step's pair (xa, xb) adjacent:
+    two 16-byte loads whose registers the MMAs take as they are (with xa's four words, then xb's, ptxas
+    moved 12 registers a loop turn in gate_up)."""
     w = i // 2
-    return 2 * (32 * (w // 32) + 8 * (w % 4) + 4 * ((w // 4) % 2) + (w % 32) // 8) + i % 2
+    return 2 * (32 * (w // 32) + 8 * (w % 4) + 2 * ((w % 32) // 8) + (w // 4) % 2) + i % 2
 
 
 def chunk_order(a: torch.Tensor) -> torch.Tensor:
@@ -259,14 +273,14 @@ def chunk_order(a: torch.Tensor) -> torch.Tensor:
     c = triton.cdiv(n, 64)
     pad = torch.nn.functional.pad(a, (0, 64 * c - n))
     w = pad.reshape(*a.shape[:-1], c, 4, 2, 4, 2)  # c, q, h, t, the pair's element
-    return w.permute(*range(a.dim() - 1), -5, -2, -3, -4, -1).reshape(*a.shape[:-1], 64 * c)
+    return w.permute(*range(a.dim() - 1), -5, -2, -4, -3, -1).reshape(*a.shape[:-1], 64 * c)
 
 
 def natural_order(a: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of chunk_order: [..., 64 * ceil(n / 64)] -> [..., n]."""
     c = a.shape[-1] // 64
-    w = a.reshape(*a.shape[:-1], c, 4, 2, 4, 2)  # c, t, h, q, the pair's element
-    return w.permute(*range(a.dim() - 1), -5, -2, -3, -4, -1).reshape(*a.shape[:-1], 64 * c)[..., :n]
+    w = a.reshape(*a.shape[:-1], c, 4, 4, 2, 2)  # c, t, q, h, the pair's element
+    return w.permute(*range(a.dim() - 1), -5, -3, -2, -4, -1).reshape(*a.shape[:-1], 64 * c)[..., :n]
 
 
 @triton.jit
@@ -274,7 +288,7 @@ def _gate_up_kernel(x_ptr, a_ptr, zero_ptr, n_zero, w_ptr, ws_ptr, b_ptr, logits
                     E, expert_start, E_LOCAL, K, N, stride_a, n_chunks, stride_we, stride_wn, stride_se, stride_sn,
                     alpha, limit, TOP_K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
                     NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, PF: tl.constexpr, MASK: tl.constexpr,
-                    TAIL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+                    TAIL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr, XC: tl.constexpr = False):
     pdl_enter(PDL)
     j = tl.program_id(0)
     pid = tl.program_id(1)
@@ -291,7 +305,7 @@ def _gate_up_kernel(x_ptr, a_ptr, zero_ptr, n_zero, w_ptr, ws_ptr, b_ptr, logits
     G0 = pid * (NW // KS) * RG
     n_groups = N // 16
     h = _row_sums(x_ptr.to(tl.pointer_type(tl.int32)), w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, K, G0,
-                  n_groups, 0, n_chunks, stride_wn, stride_sn, NW, RG, KS, PF, MASK, TAIL, INTERPRET, False)
+                  n_groups, 0, n_chunks, stride_wn, stride_sn, NW, RG, KS, PF, MASK, TAIL, INTERPRET, XC)
     G = G0 + RG * tl.arange(0, NW // KS)[:, None, None] + tl.arange(0, RG)[None, :, None]
     n = 16 * G + tl.arange(0, 16)[None, None, :]
     ok = n < N
@@ -373,16 +387,20 @@ def _consts(n: int, k: int, chunks: tuple[int, ...], opts: TokenOptions) -> dict
 
 
 def token_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Tensor, alpha: float,
-                  limit: float, opts: TokenOptions | None = None, zero: torch.Tensor | None = None
-                  ) -> torch.Tensor:
+                  limit: float, opts: TokenOptions | None = None, zero: torch.Tensor | None = None,
+                  x_chunk_order: bool = False) -> torch.Tensor:
     """x [1, H] -> a [k, I'] in x.dtype and the chunk order (row j: the token's j-th expert; rows of
     other ranks' experts are not written), routing.topk_ids / topk_weights filled in. bias [E, 2I]
-    float32; zero: a contiguous float32 tensor zeroed on the way (token_down's output)."""
+    float32; zero: a contiguous float32 tensor zeroed on the way (token_down's output).
+    x_chunk_order: x [1, 64 * ceil(H / 64)] in the chunk order (`chunk_order(x)`; what lies past H is
+    not read), loaded as down loads `a`: two 16-byte vectors a chunk instead of eight words."""
     _check(w, routing, "token_gate_up")
     opts = opts or GATE_UP_OPTIONS
-    if x.shape != (1, w.k) or not x.is_contiguous() or x.dtype != torch.bfloat16 or x.data_ptr() % 4:
-        raise ValueError(f"token_gate_up: x must be a contiguous, 4-byte aligned bfloat16 [1, {w.k}] (the kernel "
-                         f"reads bf16 pairs as words), got {tuple(x.shape)} {x.dtype} at offset {x.data_ptr() % 4}")
+    width, align = (64 * triton.cdiv(w.k, 64), 16) if x_chunk_order else (w.k, 4)
+    if x.shape != (1, width) or not x.is_contiguous() or x.dtype != torch.bfloat16 or x.data_ptr() % align:
+        raise ValueError(f"token_gate_up: x must be a contiguous, {align}-byte aligned bfloat16 [1, {width}] "
+                         f"({'in the chunk order, ' if x_chunk_order else ''}the kernel reads bf16 pairs as words), "
+                         f"got {tuple(x.shape)} {x.dtype} at offset {x.data_ptr() % align}")
     N, K, k = w.n, w.k, routing.top_k
     a = torch.empty(k, 64 * triton.cdiv(N // 2, 64), dtype=x.dtype, device=x.device)
     n_experts = routing.logits.shape[1]
@@ -393,7 +411,7 @@ def token_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch
         triton.cdiv(K, 64), w.data.stride(0), w.data.stride(1), w.scales.stride(0), w.scales.stride(1),
         float(alpha), float(limit), TOP_K=k, E_PAD=triton.next_power_of_2(n_experts),
         K_PAD=triton.next_power_of_2(k), **_consts(N, K, (triton.cdiv(K, 64),), opts), num_warps=opts.num_warps,
-        num_stages=1, **pdl.args())
+        num_stages=1, XC=x_chunk_order, **pdl.args())
     return a
 
 

@@ -28,6 +28,7 @@ GEMV_ROUTER = True
 GEMV_QKV = True
 NORM_ROUTER = True  # one-row steps: the MLP's norm inside the router GEMV (one kernel less a layer)
 NORM_QKV = True     # one-row steps: the attention's norm inside the qkv GEMV (one kernel less a layer)
+CHUNK_ORDER_T = True  # one-row steps: the router kernel writes the MoE's input in moe_token's chunk order
 # the router's [32, 2880] weight: one output column a program, all of K in one step over 8 warps (H100,
 # batch-1 step: 1.887 vs 1.904 ms a token with K in two 2048-wide steps over 4 warps)
 ROUTER_GEMV = GemvOptions(block_n=1, block_k=4096, num_warps=8)
@@ -170,10 +171,13 @@ class MLPBlock(nn.Module):
                 p.data = p.data.new_empty(0)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor):
+        chunked = False
         with stage("moe.router"):
             if GEMV_ROUTER and NORM_ROUTER and _gemv_ok(x, self.router_weight):
+                # one token through moe_token: t written in the chunk order its gate_up loads fastest
+                chunked = CHUNK_ORDER_T and getattr(self.experts, "takes_chunk_order", lambda n: False)(1)
                 t, x, logits = rms_norm_linear_rows(x, delta, self.norm.weight, self.norm.eps, self.router_weight,
-                                                    self.router_bias, ROUTER_GEMV)
+                                                    self.router_bias, ROUTER_GEMV, t_chunk_order=chunked)
             else:
                 t, x = self.norm(x, delta)
                 if GEMV_ROUTER and _gemv_ok(t, self.router_weight):
@@ -183,7 +187,8 @@ class MLPBlock(nn.Module):
         with stage("moe.experts"):
             # the backend's own sum (float32 from Triton's fused combine): the next norm adds it to the
             # residual stream without a cast kernel between; ranks all-reduce in the model dtype
-            y = self.experts.forward_sum(t, logits)
+            y = (self.experts.forward_sum(t, logits, x_chunk_order=True) if chunked
+                 else self.experts.forward_sum(t, logits))
         if self.par.tp_size > 1:
             y = y.to(x.dtype)
         return x, self.par.all_reduce(y)

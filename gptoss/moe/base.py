@@ -76,10 +76,19 @@ class MoEBackend:
         """x [T, H], router_logits [T, num_experts] -> [T, H] in x.dtype (this rank's partial sum)."""
         raise NotImplementedError
 
-    def forward_sum(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+    def forward_sum(self, x: torch.Tensor, router_logits: torch.Tensor, x_chunk_order: bool = False) -> torch.Tensor:
         """forward's result before its cast to x.dtype: a backend that sums in float32 may return that
-        (the model folds it into the residual stream in the next norm). Default: forward."""
+        (the model folds it into the residual stream in the next norm). Default: forward.
+        x_chunk_order: x comes in gptoss.kernels.moe_token's chunk order, which only a backend whose
+        takes_chunk_order says so is given."""
+        if x_chunk_order:
+            raise ValueError(f"{type(self).__name__} takes x in its natural order (takes_chunk_order is False)")
         return self.forward(x, router_logits)
+
+    def takes_chunk_order(self, num_tokens: int) -> bool:
+        """Whether forward_sum of num_tokens tokens reads x faster in moe_token's chunk order, which the
+        model's norm + router kernel can write at no cost (then it passes x_chunk_order=True)."""
+        return False
 
 
 def route_torch(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

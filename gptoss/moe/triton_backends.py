@@ -197,9 +197,16 @@ class _TritonMoE(MoEBackend):
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         return self.forward_sum(x, router_logits).to(x.dtype)
 
-    def forward_sum(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """With fused_combine the float32 sum the down GEMM's atomics built (no cast kernel), else x.dtype."""
+    def takes_chunk_order(self, num_tokens: int) -> bool:
+        """One token through moe_token: its gate_up reads a lane's x words as two 16-byte loads."""
+        return num_tokens == 1 and INLINE_ROUTING and self._token_kernels
+
+    def forward_sum(self, x: torch.Tensor, router_logits: torch.Tensor, x_chunk_order: bool = False) -> torch.Tensor:
+        """With fused_combine the float32 sum the down GEMM's atomics built (no cast kernel), else x.dtype.
+        x_chunk_order: one token's x [1, 64 * ceil(H / 64)] in moe_token's chunk order."""
         spec = self.spec
+        if x_chunk_order and not self.takes_chunk_order(x.shape[0]):
+            x, x_chunk_order = moe_token.natural_order(x, spec.hidden_size), False
         cfg = self.config_for(x.shape[0])
         if x.stride(-1) != 1:
             x = x.contiguous()
@@ -211,7 +218,7 @@ class _TritonMoE(MoEBackend):
             out = torch.empty(1, self.w2.n, dtype=torch.float32, device=x.device)
             with stage("moe.w1"):
                 a = moe_token.token_gate_up(x, routing, self.w1, self.b1, spec.swiglu_alpha, spec.swiglu_limit,
-                                            zero=out)
+                                            zero=out, x_chunk_order=x_chunk_order)
             with stage("moe.w2"):
                 return moe_token.token_down(a, routing, self.w2, self.b2, out)
         # no memset between the kernels: gate_up's split-K workspace is kept zero by the kernel itself,
