@@ -128,56 +128,35 @@ def _to_dot_dtype(q, qk_scale, DOT: tl.constexpr):
 
 
 @triton.jit
-def _load_kv_tile(n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_ptr, kvh, stride_cb, stride_ct, stride_ch,
-                  stride_sb, stride_st, key_end, BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  FP8: tl.constexpr, MASK_KEYS: tl.constexpr):
-    """Keys [n0, n0 + BLOCK_N) of KV head kvh gathered through the block table: (k, v [BLOCK_N, D] as
-    stored, their fp8 scales [BLOCK_N] (FP8, else k's first column, unused)). MASK_KEYS: keys >=
-    key_end are not loaded (zeros)."""
+def _kv_rows(n0, bt_row_ptr, kvh, stride_cb, stride_ct, stride_ch, key_end, BLOCK_SIZE: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """Keys [n0, n0 + BLOCK_N) of KV head kvh through the block table: (their blocks, their cache row
+    offsets), [BLOCK_N] each (MASK_KEYS: keys >= key_end read block 0)."""
     pos = n0 + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, D)
-    kmask = pos < key_end
     if MASK_KEYS:
-        blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
+        blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=pos < key_end, other=0).to(tl.int64)
     else:
         blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE).to(tl.int64)
-    row = blk * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kvh * stride_ch  # [BLOCK_N]
-    if MASK_KEYS:
-        k = tl.load(kc_ptr + row[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(vc_ptr + row[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
-    else:
-        k = tl.load(kc_ptr + row[:, None] + d[None, :])
-        v = tl.load(vc_ptr + row[:, None] + d[None, :])
-    if FP8:
-        srow = blk * stride_sb + (pos % BLOCK_SIZE) * stride_st + kvh
-        if MASK_KEYS:
-            ksc = tl.load(ks_ptr + srow, mask=kmask, other=0.0)
-            vsc = tl.load(vs_ptr + srow, mask=kmask, other=0.0)
-        else:
-            ksc = tl.load(ks_ptr + srow)
-            vsc = tl.load(vs_ptr + srow)
-    else:
-        ksc = pos.to(tl.float32)
-        vsc = ksc
-    return k, v, ksc, vsc
+    return blk, blk * stride_cb + (pos % BLOCK_SIZE) * stride_ct + kvh * stride_ch
 
 
 @triton.jit
-def _attend_kv(q, acc, m_i, l_i, n0, k, v, ksc, vsc, qk_scale, key_end, qpos, window, BLOCK_N: tl.constexpr,
-               FP8: tl.constexpr, MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr):
-    """One online-softmax step over the keys [n0, n0 + BLOCK_N) of a loaded tile (_load_kv_tile's).
+def _load_rows(c_ptr, row, n0, key_end, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """A [BLOCK_N, D] tile of K or V at the cache rows `row` (MASK_KEYS: keys >= key_end not loaded)."""
+    d = tl.arange(0, D)
+    if MASK_KEYS:
+        return tl.load(c_ptr + row[:, None] + d[None, :], mask=(n0 + tl.arange(0, BLOCK_N) < key_end)[:, None],
+                       other=0.0)
+    return tl.load(c_ptr + row[:, None] + d[None, :])
 
-    q [M, D]; acc [M, D] f32; m_i, l_i [M] f32 (base-2 logits). MASK_KEYS masks keys >= key_end;
-    CAUSAL / USE_WINDOW mask against the query positions qpos [M].
-    """
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, s, v, vsc, n0, key_end, qpos, window, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
+                  MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """The online softmax of one tile's scaled scores s [M, BLOCK_N] (keys n0..) and its values v (in
+    the dot dtype; FP8: their scales vsc [BLOCK_N]) into acc [M, D], m_i, l_i [M] (base-2 logits).
+    MASK_KEYS masks keys >= key_end; CAUSAL / USE_WINDOW mask against the query positions qpos [M]."""
     pos = n0 + tl.arange(0, BLOCK_N)
-    k = k.to(q.dtype)  # q is already in the dot dtype
-    v = v.to(q.dtype)
-    s = tl.dot(q, tl.trans(k))  # [M, BLOCK_N] f32
-    if FP8:
-        s = s * (ksc * qk_scale)[None, :]
-    else:
-        s = s * qk_scale
     if MASK_KEYS:
         ok = (pos < key_end)[None, :]
         if CAUSAL:
@@ -204,11 +183,32 @@ def _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_pt
                  key_end, qpos, window, BLOCK_SIZE: tl.constexpr,
                  D: tl.constexpr, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
                  MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr):
-    """_load_kv_tile, then _attend_kv."""
-    k, v, ksc, vsc = _load_kv_tile(n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_ptr, kvh, stride_cb, stride_ct,
-                                   stride_ch, stride_sb, stride_st, key_end, BLOCK_SIZE, D, BLOCK_N, FP8, MASK_KEYS)
-    return _attend_kv(q, acc, m_i, l_i, n0, k, v, ksc, vsc, qk_scale, key_end, qpos, window, BLOCK_N, FP8,
-                      MASK_KEYS, CAUSAL, USE_WINDOW)
+    """One online-softmax step over keys [n0, n0 + BLOCK_N) gathered through the block table.
+
+    q [M, D]; acc [M, D] f32; m_i, l_i [M] f32 (base-2 logits). MASK_KEYS masks keys >= key_end
+    (and never loads them); CAUSAL / USE_WINDOW mask against the query positions qpos [M].
+    """
+    blk, row = _kv_rows(n0, bt_row_ptr, kvh, stride_cb, stride_ct, stride_ch, key_end, BLOCK_SIZE, BLOCK_N,
+                        MASK_KEYS)
+    k = _load_rows(kc_ptr, row, n0, key_end, D, BLOCK_N, MASK_KEYS).to(q.dtype)  # q is already in the dot dtype
+    v = _load_rows(vc_ptr, row, n0, key_end, D, BLOCK_N, MASK_KEYS).to(q.dtype)
+    s = tl.dot(q, tl.trans(k))  # [M, BLOCK_N] f32
+    vsc = s  # fp8 only
+    if FP8:  # the scales after the dot, as their own loads
+        pos = n0 + tl.arange(0, BLOCK_N)
+        srow = blk * stride_sb + (pos % BLOCK_SIZE) * stride_st + kvh
+        if MASK_KEYS:
+            kmask = pos < key_end
+            ksc = tl.load(ks_ptr + srow, mask=kmask, other=0.0)
+            vsc = tl.load(vs_ptr + srow, mask=kmask, other=0.0)
+        else:
+            ksc = tl.load(ks_ptr + srow)
+            vsc = tl.load(vs_ptr + srow)
+        s = s * (ksc * qk_scale)[None, :]
+    else:
+        s = s * qk_scale
+    return _softmax_step(acc, m_i, l_i, s, v, vsc, n0, key_end, qpos, window, BLOCK_N, FP8, MASK_KEYS, CAUSAL,
+                         USE_WINDOW)
 
 
 @triton.jit
@@ -319,12 +319,6 @@ def _rope_kv_decode(q_ptr, k_ptr, v_ptr, c, s, slot, kc_ptr, vc_ptr, ks_ptr, vs_
 
 
 @triton.jit
-def _patch(x, row, n0, own, BLOCK_N: tl.constexpr):
-    """Tile x [BLOCK_N, D] of keys n0.. with key `own` replaced by row [1, D]."""
-    return tl.where((n0 + tl.arange(0, BLOCK_N) == own)[:, None], row, x)
-
-
-@triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, sinks_ptr,
                    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, qk_scale, window, num_splits,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
@@ -339,10 +333,10 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
     # A sequence's KV heads run side by side: they share the 32-byte sectors of the fp8 scales.
     # ROPE_KV: q, k and v come unrotated from the projection; the kernel rotates q, and the program
     # whose keys end at the token's own writes its k and v into the cache (no KV-write kernel before).
-    # EARLY (ROPE_KV under PDL, a cache in k's dtype): what the step's inputs and the cache hold (the
-    # lengths, the rotation, the first tile of keys) is read before the PDL wait, while the qkv GEMM
-    # still runs; the token's own key and value, not yet in the cache then, are patched into the
-    # tiles from registers.
+    # EARLY (ROPE_KV under PDL, a cache in k's dtype, a grid of at most one program an SM): what the
+    # step's inputs and the cache hold (the lengths, the rotation, the first tile of keys) is read
+    # before the PDL wait, while the qkv GEMM still runs; the token's own key and value, not yet in
+    # the cache then, are patched into their tile from registers.
     if not EARLY:
         pdl_enter(PDL)
     kvh = tl.program_id(0)
@@ -381,10 +375,10 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
         c, s = _rope_cos_sin(pos_ptr, cos_ptr, sin_ptr, t, t_real, D)
         slot = tl.load(slot_ptr + tl.where(t_real, t, 0)).to(tl.int64)  # a padding sequence has no token t
         write = t_real & (end == seq_len) & (start < end) & (slot >= 0)  # slot < 0: a graph's padding row
-        if EARLY:
-            k0, v0, ksc0, vsc0 = _load_kv_tile(start, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, kvh, stride_cb,
-                                               stride_ct, stride_ch, stride_sb, stride_st, end, BLOCK_SIZE, D,
-                                               BLOCK_N, FP8, True)
+        if EARLY:  # the first tile, before the wait
+            _, row = _kv_rows(start, bt_row, kvh, stride_cb, stride_ct, stride_ch, end, BLOCK_SIZE, BLOCK_N, True)
+            k0 = _load_rows(kc_ptr, row, start, end, D, BLOCK_N, True)
+            v0 = _load_rows(vc_ptr, row, start, end, D, BLOCK_N, True)
             pdl_enter(PDL)
         q, k_row, v_row = _rope_kv_decode(q_ptr, k_ptr, v_ptr, c, s, slot, kc_ptr, vc_ptr, ks_ptr, vs_ptr, t, kvh,
                                           heads, qmask, write, stride_qt, stride_qh, stride_kt, stride_kh,
@@ -397,15 +391,18 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
     # keys in [start, end) all pass the causal and window tests: only the end is masked
     if EARLY:
         own = seq_len - 1  # the token's own key: from registers, the cache may not hold it yet
-        acc, m_i, l_i = _attend_kv(q, acc, m_i, l_i, start, _patch(k0, k_row, start, own, BLOCK_N),
-                                   _patch(v0, v_row, start, own, BLOCK_N), ksc0, vsc0, qk_scale, end, qpos, window,
-                                   BLOCK_N, FP8, True, False, False)
-        for n0 in range(start + BLOCK_N, end, BLOCK_N):
-            k, v, ksc, vsc = _load_kv_tile(n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row, kvh, stride_cb, stride_ct,
-                                           stride_ch, stride_sb, stride_st, end, BLOCK_SIZE, D, BLOCK_N, FP8, True)
-            acc, m_i, l_i = _attend_kv(q, acc, m_i, l_i, n0, _patch(k, k_row, n0, own, BLOCK_N),
-                                       _patch(v, v_row, n0, own, BLOCK_N), ksc, vsc, qk_scale, end, qpos, window,
-                                       BLOCK_N, FP8, True, False, False)
+        for n0 in range(start, end, BLOCK_N):
+            if n0 > start:
+                _, row = _kv_rows(n0, bt_row, kvh, stride_cb, stride_ct, stride_ch, end, BLOCK_SIZE, BLOCK_N, True)
+                k0 = _load_rows(kc_ptr, row, n0, end, D, BLOCK_N, True)
+                v0 = _load_rows(vc_ptr, row, n0, end, D, BLOCK_N, True)
+            if n0 + BLOCK_N > own:  # the tile with the token's key
+                mine = (n0 + tl.arange(0, BLOCK_N) == own)[:, None]
+                k0 = tl.where(mine, k_row, k0)
+                v0 = tl.where(mine, v_row, v0)
+            s_ = tl.dot(q, tl.trans(k0.to(q.dtype))) * qk_scale
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s_, v0.to(q.dtype), s_, n0, end, qpos, window, BLOCK_N,
+                                          False, True, False, False)
     else:
         for n0 in range(start, end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row,
