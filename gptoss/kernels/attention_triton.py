@@ -337,6 +337,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
     # step's inputs and the cache hold (the lengths, the rotation, the first tile of keys) is read
     # before the PDL wait, while the qkv GEMM still runs; the token's own key and value, not yet in
     # the cache then, are patched into their tile from registers.
+    tl.static_assert(ROPE_KV or not EARLY, "EARLY waits for PDL in the ROPE_KV path")
     if not EARLY:
         pdl_enter(PDL)
     kvh = tl.program_id(0)

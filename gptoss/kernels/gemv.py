@@ -170,7 +170,7 @@ def rms_norm_linear_rows(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
                          f"weight {tuple(norm_weight.shape)}, w {tuple(w.shape)}: one row of the same K")
     if not (x.is_contiguous() and residual.is_contiguous() and w.stride(-1) == 1):
         raise ValueError("rms_norm_linear_rows: x, residual and w's rows must be contiguous")
-    t = torch.empty(1, 64 * triton.cdiv(K, 64), dtype=x.dtype, device=x.device) if t_chunk_order else torch.empty_like(x)
+    t = torch.empty(1, 64 * triton.cdiv(K, 64) if t_chunk_order else K, dtype=x.dtype, device=x.device)
     h = torch.empty_like(x)
     y = torch.empty(1, w.shape[0], dtype=x.dtype, device=x.device)
     _launch(x, w, bias, y, opts or GemvOptions(), (residual, norm_weight, eps, t, h), t_chunk_order)

@@ -442,8 +442,8 @@ def token_down(a: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Te
     early = DOWN_EARLY and pdl.args()["PDL"]
     _down_kernel[(k, triton.cdiv(N // 16, _groups(opts)), split)](
         a, out, w.data, w.scales, bias if bias is not None else out, routing.topk_ids, routing.topk_weights,
-        routing.logits, n_experts, routing.expert_start, routing.num_local_experts, K, N, a.stride(0), per, n_chunks, w.data.stride(0),
-        w.data.stride(1), w.scales.stride(0), w.scales.stride(1), HAS_BIAS=bias is not None,
+        routing.logits, n_experts, routing.expert_start, routing.num_local_experts, K, N, a.stride(0), per, n_chunks,
+        w.data.stride(0), w.data.stride(1), w.scales.stride(0), w.scales.stride(1), HAS_BIAS=bias is not None,
         **_consts(N, K, (per, n_chunks - per * (split - 1)), opts), num_warps=opts.num_warps, num_stages=1,
         EARLY=early, TOP_K=k, E_PAD=triton.next_power_of_2(n_experts), K_PAD=triton.next_power_of_2(k),
         **pdl.args())
