@@ -6,6 +6,7 @@ config, alternated in one process on one GPU so clocks and the machine are the s
     python scripts/ab_decode.py --o-gemv --batch 1         # batch-1 output projection: gemv vs cuBLAS
     python scripts/ab_decode.py --switch GEMV_ROUTER       # any on/off switch of gptoss.model.gpt_oss
     python scripts/ab_decode.py --set "ROUTER_GEMV=GemvOptions(2, 2048)"   # module values, each against the default
+    python scripts/ab_decode.py --set "NORM_QKV=False; CHUNK_ORDER_T=False"  # several in one variant
 """
 
 import argparse
@@ -65,7 +66,7 @@ def main():
                     "(e.g. GEMV_O_PROJ GEMV_ROUTER; others as a dotted path under gptoss, e.g. "
                     "engine.cuda_graphs.PDL), each alone against all on")
     ap.add_argument("--set", nargs="+", help="NAME=EXPR assignments (NAME as for --switch, EXPR evaluated in "
-                    "that module), each alone against the module's own value")
+                    "that module), each alone against the module's own value; 'A=x; B=y' sets both in one variant")
     a = ap.parse_args()
     if a.set:
         return compare_settings(a, a.set)
@@ -129,20 +130,23 @@ def compare_switches(a, names):
 def compare_settings(a, assignments):
     llm = _llm(a)
     eng = llm.engine
-    parsed = []
+    parsed = []  # (label, [(module, attribute, default, value)]): "A=x; B=y" sets both in one variant
     for item in assignments:
-        name, _, expr = item.partition("=")
-        mod, attr = _switch(name.strip())
-        parsed.append((item, mod, attr, getattr(mod, attr), eval(expr, vars(mod))))  # noqa: S307 (a dev tool)
+        sets = []
+        for one in item.split(";"):
+            name, _, expr = one.partition("=")
+            mod, attr = _switch(name.strip())
+            sets.append((mod, attr, getattr(mod, attr), eval(expr, vars(mod))))  # noqa: S307 (a dev tool)
+        parsed.append((item, sets))
     res = {}
     for _ in range(a.rounds):
-        for label, mod, attr, default, value in [("default", None, None, None, None), *parsed]:
-            if mod is not None:
+        for label, sets in [("default", []), *parsed]:
+            for mod, attr, _, value in sets:
                 setattr(mod, attr, value)
             eng.runner.capture_cuda_graphs(max(a.batch), eng.max_model_len, eng.kv_layout.window is not None)
             for b in a.batch:
                 res.setdefault((label, b), []).append(decode_ms(llm, b))
-            if mod is not None:
+            for mod, attr, default, _ in sets:
                 setattr(mod, attr, default)
     _table("setting", res)
 
