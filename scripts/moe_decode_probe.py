@@ -79,7 +79,7 @@ def main():
                     "profiler to pick one launch (ncu flushes the caches before each: cold weights)")
     args = ap.parse_args()
     if args.token_load_only:
-        TK._MMA_ASM = tl.constexpr(_LOAD_ONLY_ASM)
+        TK._MMA_ASM = TK._MMA_ASM_XC = tl.constexpr(_LOAD_ONLY_ASM)  # XC: down's `a` in the chunk order
     spec = MoESpec(32, 4, 2880, 2880)
     cfg = fragments_config(1, spec)
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .moe_token import _chunk_pos, chunk_order
+from .moe_token import _chunk_pos, chunk_order, chunk_width
 from .pdl import pdl_enter
 from .sm_count import sm_count
 
@@ -162,7 +162,7 @@ def rms_norm_linear_rows(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
                          t_chunk_order: bool = False):
     """One row: (t, h, y) with h = x + residual, t = rms_norm(h) * norm_weight, y = t @ w^T + bias, in one
     kernel (rms_norm's and linear_rows' results, up to the order of the sums). x, t, h, y in x.dtype.
-    t_chunk_order: t [1, 64 * ceil(K / 64)] in moe_token's chunk order (what lies past K unwritten), as
+    t_chunk_order: t [1, chunk_width(K)] in moe_token's chunk order (what lies past K unwritten), as
     the one-token MoE's gate_up reads it fastest."""
     K = x.shape[-1]
     if x.shape != (1, K) or residual.shape != (1, K) or w.shape[1] != K or norm_weight.shape != (K,):
@@ -170,7 +170,7 @@ def rms_norm_linear_rows(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
                          f"weight {tuple(norm_weight.shape)}, w {tuple(w.shape)}: one row of the same K")
     if not (x.is_contiguous() and residual.is_contiguous() and w.stride(-1) == 1):
         raise ValueError("rms_norm_linear_rows: x, residual and w's rows must be contiguous")
-    t = torch.empty(1, 64 * triton.cdiv(K, 64) if t_chunk_order else K, dtype=x.dtype, device=x.device)
+    t = torch.empty(1, chunk_width(K) if t_chunk_order else K, dtype=x.dtype, device=x.device)
     h = torch.empty_like(x)
     y = torch.empty(1, w.shape[0], dtype=x.dtype, device=x.device)
     _launch(x, w, bias, y, opts or GemvOptions(), (residual, norm_weight, eps, t, h), t_chunk_order)

@@ -270,18 +270,22 @@ def _chunk_pos(i):
     return 2 * (32 * (w // 32) + 8 * (w % 4) + 2 * ((w % 32) // 8) + (w // 4) % 2) + i % 2
 
 
+def chunk_width(n: int) -> int:
+    """The length of a row of n elements in the chunk order: n rounded up to whole 64-deep chunks."""
+    return 64 * triton.cdiv(n, 64)
+
+
 def chunk_order(a: torch.Tensor) -> torch.Tensor:
-    """[..., n] -> [..., 64 * ceil(n / 64)]: the chunk order token_gate_up writes `a` in (zero padding
+    """[..., n] -> [..., chunk_width(n)]: the chunk order token_gate_up writes `a` in (zero padding
     past n). Its inverse is natural_order."""
-    n = a.shape[-1]
-    c = triton.cdiv(n, 64)
-    pad = torch.nn.functional.pad(a, (0, 64 * c - n))
-    w = pad.reshape(*a.shape[:-1], c, 4, 2, 4, 2)  # c, q, h, t, the pair's element
-    return w.permute(*range(a.dim() - 1), -5, -2, -4, -3, -1).reshape(*a.shape[:-1], 64 * c)
+    n, width = a.shape[-1], chunk_width(a.shape[-1])
+    pad = torch.nn.functional.pad(a, (0, width - n))
+    w = pad.reshape(*a.shape[:-1], width // 64, 4, 2, 4, 2)  # c, q, h, t, the pair's element
+    return w.permute(*range(a.dim() - 1), -5, -2, -4, -3, -1).reshape(*a.shape[:-1], width)
 
 
 def natural_order(a: torch.Tensor, n: int) -> torch.Tensor:
-    """The inverse of chunk_order: [..., 64 * ceil(n / 64)] -> [..., n]."""
+    """The inverse of chunk_order: [..., chunk_width(n)] -> [..., n]."""
     c = a.shape[-1] // 64
     w = a.reshape(*a.shape[:-1], c, 4, 4, 2, 2)  # c, t, q, h, the pair's element
     return w.permute(*range(a.dim() - 1), -5, -3, -2, -4, -1).reshape(*a.shape[:-1], 64 * c)[..., :n]
@@ -396,17 +400,17 @@ def token_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch
     """x [1, H] -> a [k, I'] in x.dtype and the chunk order (row j: the token's j-th expert; rows of
     other ranks' experts are not written), routing.topk_ids / topk_weights filled in. bias [E, 2I]
     float32; zero: a contiguous float32 tensor zeroed on the way (token_down's output).
-    x_chunk_order: x [1, 64 * ceil(H / 64)] in the chunk order (`chunk_order(x)`; what lies past H is
+    x_chunk_order: x [1, chunk_width(H)] in the chunk order (`chunk_order(x)`; what lies past H is
     not read), loaded as down loads `a`: two 16-byte vectors a chunk instead of eight words."""
     _check(w, routing, "token_gate_up")
     opts = opts or GATE_UP_OPTIONS
-    width, align = (64 * triton.cdiv(w.k, 64), 16) if x_chunk_order else (w.k, 4)
+    width, align = (chunk_width(w.k), 16) if x_chunk_order else (w.k, 4)
     if x.shape != (1, width) or not x.is_contiguous() or x.dtype != torch.bfloat16 or x.data_ptr() % align:
         raise ValueError(f"token_gate_up: x must be a contiguous, {align}-byte aligned bfloat16 [1, {width}] "
                          f"({'in the chunk order, ' if x_chunk_order else ''}the kernel reads bf16 pairs as words), "
                          f"got {tuple(x.shape)} {x.dtype} at offset {x.data_ptr() % align}")
     N, K, k = w.n, w.k, routing.top_k
-    a = torch.empty(k, 64 * triton.cdiv(N // 2, 64), dtype=x.dtype, device=x.device)
+    a = torch.empty(k, chunk_width(N // 2), dtype=x.dtype, device=x.device)
     n_experts = routing.logits.shape[1]
     n_zero = zero.numel() if zero is not None else 0
     _gate_up_kernel[(k, triton.cdiv(N // 16, _groups(opts)))](
@@ -427,7 +431,7 @@ def token_down(a: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Te
     _check(w, routing, "token_down")
     opts = opts or DOWN_OPTIONS
     N, K, k = w.n, w.k, routing.top_k
-    K_a = 64 * triton.cdiv(K, 64)
+    K_a = chunk_width(K)
     if a.shape != (k, K_a) or not a.is_contiguous() or a.dtype != torch.bfloat16 or a.data_ptr() % 16:
         raise ValueError(f"token_down: a must be token_gate_up's: a contiguous, 16-byte aligned bfloat16 [{k}, {K_a}] "
                          f"in the chunk order (chunk_order), got "

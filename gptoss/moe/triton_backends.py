@@ -203,7 +203,7 @@ class _TritonMoE(MoEBackend):
 
     def forward_sum(self, x: torch.Tensor, router_logits: torch.Tensor, x_chunk_order: bool = False) -> torch.Tensor:
         """With fused_combine the float32 sum the down GEMM's atomics built (no cast kernel), else x.dtype.
-        x_chunk_order: one token's x [1, 64 * ceil(H / 64)] in moe_token's chunk order."""
+        x_chunk_order: one token's x [1, chunk_width(H)] in moe_token's chunk order."""
         spec = self.spec
         if x_chunk_order and not self.takes_chunk_order(x.shape[0]):
             x, x_chunk_order = moe_token.natural_order(x, spec.hidden_size), False
