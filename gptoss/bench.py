@@ -93,36 +93,44 @@ def measure_throughput(llm, rng, concurrency: int, input_len: int, output_len: i
     return statistics.median(rates), 100 * host / total, 100 * (runner.pack_seconds - pack_before) / total
 
 
-def measure_long_decode(llm, rng, batch: int, context: int, steps: int, runs: int) -> float:
-    """Decode tokens/s of `batch` sequences that each already hold `context` tokens of KV.
+def start_long_decode(llm, rng, batch: int, context: int, steps: int) -> list:
+    """Give `batch` new requests `context` tokens of KV each, as if their prompts had been computed
+    (all but the last prompt token), and put them in the running queue -> the requests.
 
     Prefilling batch x 32k tokens would take minutes and measures prefill; decode speed does not
-    depend on the cached values, so the sequences are given their blocks directly, as if their
-    prompts had been computed (the cache holds whatever its memory holds), and only the last
-    prompt token and the `steps` decode steps run. Each step reads every sequence's whole context
-    in the full-attention layers, which is what the figure is about."""
+    depend on the cached values, so the sequences are given their blocks directly (the cache holds
+    whatever its memory holds). The next engine step runs their last prompt tokens."""
     eng = llm.engine
     sch, pool = eng.scheduler, eng.pool
     if eng.has_unfinished():
         raise RuntimeError("long_decode needs an idle engine")
+    sp = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    reqs = [r for p in _prompts(rng, batch, context) for r in eng.add_request(p["prompt_token_ids"], sp)]
+    for r in reqs:
+        sch.waiting.remove(r)
+        # chunk by chunk, as a prefill would go, so the sliding group only ever holds the window
+        while r.num_computed_tokens < context - 1:
+            n = min(eng.max_num_batched_tokens, context - 1 - r.num_computed_tokens)
+            if not pool.allocate(r, n):
+                for q in reqs:
+                    sch.finish(q, "abort")
+                raise ValueError(f"the KV cache holds {pool.num_usable_blocks * pool.block_size} tokens; "
+                                 f"{batch} x {context} do not fit (lower --long-batch or --long-context)")
+            r.num_computed_tokens += n
+            pool.release_out_of_window(r)
+        r.status = RequestStatus.RUNNING
+        sch.running.append(r)
+    return reqs
+
+
+def measure_long_decode(llm, rng, batch: int, context: int, steps: int, runs: int) -> float:
+    """Decode tokens/s of `batch` sequences that each already hold `context` tokens of KV
+    (start_long_decode), over their `steps` decode steps. Each step reads every sequence's whole
+    context in the full-attention layers, which is what the figure is about."""
+    eng = llm.engine
     rates = []
     for i in range(runs + 1):  # the first run warms up and is not counted
-        sp = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
-        reqs = [r for p in _prompts(rng, batch, context) for r in eng.add_request(p["prompt_token_ids"], sp)]
-        for r in reqs:
-            sch.waiting.remove(r)
-            # chunk by chunk, as a prefill would go, so the sliding group only ever holds the window
-            while r.num_computed_tokens < context - 1:
-                n = min(eng.max_num_batched_tokens, context - 1 - r.num_computed_tokens)
-                if not pool.allocate(r, n):
-                    for q in reqs:
-                        sch.finish(q, "abort")
-                    raise ValueError(f"the KV cache holds {pool.num_usable_blocks * pool.block_size} tokens; "
-                                     f"{batch} x {context} do not fit (lower --long-batch or --long-context)")
-                r.num_computed_tokens += n
-                pool.release_out_of_window(r)
-            r.status = RequestStatus.RUNNING
-            sch.running.append(r)
+        start_long_decode(llm, rng, batch, context, steps)
         eng.step()  # the last prompt token of every sequence: their first sampled token
         _sync()
         t0 = time.perf_counter()

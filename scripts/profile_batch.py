@@ -3,6 +3,10 @@ engine step split into host parts, the bare CUDA-graph replay (GPU time alone), 
 graphed and of an eager step by CUDA time.
 
     python scripts/profile_batch.py [--ckpt /tmp/gptoss-20b] [--batch 256 64] [--context 1024]
+    python scripts/profile_batch.py --batch 64 --context 32768 --long --kv-cache-dtype fp8 --max-model-len 32900
+
+--long gives each sequence its context as allocated KV (bench.start_long_decode, as `gptoss bench
+--mode long_decode` does) instead of prefilling it.
 """
 
 import argparse
@@ -14,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gptoss import LLM, SamplingParams
+from gptoss.bench import start_long_decode
 
 
 def sync():
@@ -47,13 +52,21 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=22, help="kernels listed per table")
+    ap.add_argument("--long", action="store_true", help="allocate the context instead of prefilling it")
+    ap.add_argument("--kv-cache-dtype", default="auto")
     a = ap.parse_args()
     summary = []
     for B in a.batch:
         llm = LLM(a.ckpt, moe_backend=a.moe_backend, max_model_len=a.max_model_len, max_num_seqs=B, progress=False,
-                  enable_prefix_caching=False)
+                  enable_prefix_caching=False, kv_cache_dtype=a.kv_cache_dtype)
         eng, runner = llm.engine, llm.engine.runner
-        decoding_batch(llm, B, a.context, a.max_model_len)
+        if a.long:
+            start_long_decode(llm, random.Random(B), B, a.context, a.max_model_len - a.context - 8)
+            eng.step()
+            eng.step()
+            sync()
+        else:
+            decoding_batch(llm, B, a.context, a.max_model_len)
         st, pack0 = dict(eng.step_times), runner.pack_seconds
         walls = []
         for _ in range(a.steps):
