@@ -108,3 +108,22 @@ def test_cached_tables_follow_every_change_the_kv_manager_makes():
     r.num_computed_tokens = r.num_tokens - 1
     tables_match()
     pool.free(r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_step_buffers_are_not_refilled_under_a_pending_copy():
+    # on CUDA the packed step goes through two pinned buffers taken in turn; a step packed while the
+    # copy out of the other one may still run must leave that step's device tensor as it was packed
+    rng = random.Random(3)
+    cpu = object.__new__(ModelRunner)
+    cpu.block_size, cpu.device, cpu.kv_caches = 4, torch.device("cpu"), []
+    gpu = ModelRunner.__new__(ModelRunner)
+    gpu.block_size, gpu.device, gpu.kv_caches, gpu._step_buffers = 4, torch.device("cuda"), [], []
+    steps = [_step(rng, swa=i % 2 == 1) for i in range(5)]
+    torch.cuda._sleep(50_000_000)  # keep the stream busy: the copies queue behind it
+    got = [gpu._pack(out)[1] for out in steps]
+    torch.cuda.synchronize()
+    for out, dev in zip(steps, got):
+        assert torch.equal(dev.cpu(), cpu._pack(out)[1])
+    assert len(gpu._step_buffers) == 2 and all(b[0].is_pinned() for b in gpu._step_buffers)

@@ -34,6 +34,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)        # full-attention layers' blocks
     swa_block_ids: list[int] = field(default_factory=list)    # sliding layers' (0 once out of window)
     block_hashes: list = field(default_factory=list)  # (hash, tokens) of each full block, by the pool
+    num_registered_blocks: int = 0  # leading blocks the pool has offered to the prefix cache
     kv_version: int = 0  # bumped by the KV cache manager whenever it changes either block list
     kv_tables: tuple | None = field(default=None, repr=False)  # (kv_version, int64 arrays), for the runner
     generator: torch.Generator | None = None
@@ -49,6 +50,11 @@ class Request:
     # back and the one just launched), and the row of the newest one in its step's sampled tokens
     num_pending: int = 0
     pending_row: int = 0
+
+    def __repr__(self) -> str:
+        # short: the generated repr spelled out every token and block id (a 32k prompt: ~6 ms a call)
+        return (f"Request({self.request_id!r}, {self.status.value}, {self.num_prompt_tokens} prompt + "
+                f"{len(self.output_token_ids)} output tokens, {self.num_computed_tokens} computed)")
 
     @property
     def num_prompt_tokens(self) -> int:

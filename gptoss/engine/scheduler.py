@@ -104,8 +104,6 @@ class Scheduler:
         self.pool.free(req)
         if req in self.running:
             self.running.remove(req)
-        try:
+        elif req in self.waiting:  # (a miss in deque.remove formats the request into its error)
             self.waiting.remove(req)
-        except ValueError:
-            pass
         self.requests.pop(req.request_id, None)
