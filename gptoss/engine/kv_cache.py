@@ -284,8 +284,8 @@ class KVCacheManager:
 
     def cache_full_blocks(self, req: Request) -> None:
         """Register the blocks that req has completely computed since the last call, so later requests
-        can share them. Only the new ones: at 64 x 32k, walking every block of every request each step
-        cost ~10 ms of host time a step, more than an fp8-KV step's GPU time left over."""
+        can share them. Only the new ones: walking every block of every request each step was ~17 ms of
+        Python a step at 64 x 32k (2-core machine), beside a 17 ms fp8-KV step on the GPU."""
         if not self.enable_prefix_caching:
             return
         n_full = min(req.num_computed_tokens // self.block_size, len(req.block_ids))
