@@ -167,6 +167,19 @@ def test_streaming_yields_growing_output(tiny_llm):
     assert seen[-1] == greedy(tiny_llm, P[:1], max_tokens=5)[0].outputs[0].token_ids
 
 
+def test_streamed_outputs_share_one_prompt_copy(tiny_llm):
+    # one copy of the prompt a request, not one a streamed token (a 32k prompt: ~50 us a copy, per
+    # stream and step); the copy is the outputs', not the engine's
+    prompt = {"prompt_token_ids": list(range(1, 40))}
+    outs = list(tiny_llm.generate_stream(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
+    assert len(outs) == 4 and all(o.prompt_token_ids is outs[0].prompt_token_ids for o in outs)
+    assert outs[0].prompt_token_ids == prompt["prompt_token_ids"]
+    outs[0].prompt_token_ids.append(7)  # a caller's edit reaches neither the engine nor a new request
+    again = tiny_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert again[0].prompt_token_ids == prompt["prompt_token_ids"]
+    assert again[0].outputs[0].token_ids == outs[-1].outputs[0].token_ids
+
+
 def test_bfloat16_on_cpu_runs(tiny_ckpt):
     llm = LLM(str(tiny_ckpt), dtype="bfloat16", device="cpu", max_model_len=256, progress=False)
     o = llm.generate(P[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)

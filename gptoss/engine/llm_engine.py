@@ -332,7 +332,9 @@ class LLMEngine:
 
     def request_output(self, reqs: list[Request], prompt: str | None) -> RequestOutput:
         first = reqs[0]
-        return RequestOutput(first.parent_id, prompt, list(first.prompt_token_ids),
+        if first.output_prompt is None:  # one copy a request, not one a streamed token (a 32k prompt: ~0.1 ms)
+            first.output_prompt = list(first.prompt_token_ids)
+        return RequestOutput(first.parent_id, prompt, first.output_prompt,
                              [self.completion(r) for r in reqs], all(r.finished for r in reqs),
                              first.num_cached_tokens)
 

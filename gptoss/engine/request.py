@@ -37,6 +37,7 @@ class Request:
     num_registered_blocks: int = 0  # leading blocks the pool has offered to the prefix cache
     kv_version: int = 0  # bumped by the KV cache manager whenever it changes either block list
     kv_tables: tuple | None = field(default=None, repr=False)  # (kv_version, int64 arrays), for the runner
+    output_prompt: list[int] | None = None  # the prompt's copy that this request's outputs share
     generator: torch.Generator | None = None
     grammar: object | None = None  # a RequestGrammar when the output is constrained
     detok: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
