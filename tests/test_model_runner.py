@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from gptoss.engine.model_runner import HEADER, ModelRunner
+from gptoss.engine.model_runner import HEADER, ModelRunner, _HostBuffers
 from gptoss.engine.request import Request
 from gptoss.engine.scheduler import SchedulerOutput
 from gptoss.sampling_params import SamplingParams
@@ -119,11 +119,12 @@ def test_pinned_step_buffers_are_not_refilled_under_a_pending_copy():
     cpu = object.__new__(ModelRunner)
     cpu.block_size, cpu.device, cpu.kv_caches = 4, torch.device("cpu"), []
     gpu = ModelRunner.__new__(ModelRunner)
-    gpu.block_size, gpu.device, gpu.kv_caches, gpu._step_buffers = 4, torch.device("cuda"), [], []
+    gpu.block_size, gpu.device, gpu.kv_caches = 4, torch.device("cuda"), []
+    gpu._host_steps = _HostBuffers(gpu.device)
     steps = [_step(rng, swa=i % 2 == 1) for i in range(5)]
     torch.cuda._sleep(50_000_000)  # keep the stream busy: the copies queue behind it
     got = [gpu._pack(out)[1] for out in steps]
     torch.cuda.synchronize()
     for out, dev in zip(steps, got):
         assert torch.equal(dev.cpu(), cpu._pack(out)[1])
-    assert len(gpu._step_buffers) == 2 and all(b[0].is_pinned() for b in gpu._step_buffers)
+    assert len(gpu._host_steps.bufs) == 2 and all(b[0].is_pinned() for b in gpu._host_steps.bufs)

@@ -38,6 +38,35 @@ class PendingTokens:
         return self.host.tolist()
 
 
+class _HostBuffers:
+    """Two host int64 buffers taken in turn, pinned on CUDA so that copies between them and the device
+    run asynchronously (a copy from pageable memory holds the host until the stream reaches it), both
+    grown when a step needs more. A buffer is handed out again only after the event recorded after its
+    last copy (`copied`), in practice long passed: the engine reads every step back before it packs
+    the one after next."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.bufs: list[list] = []  # [buffer, event after its last copy]
+
+    def take(self, n: int) -> torch.Tensor:
+        if not self.bufs or self.bufs[0][0].numel() < n:
+            if self.bufs and self.cuda:
+                torch.cuda.current_stream().synchronize()  # the old buffers' copies are done
+            size = max(256, 1 << (n - 1).bit_length())
+            self.bufs = [[torch.empty(size, dtype=torch.int64, pin_memory=self.cuda),
+                          torch.cuda.Event() if self.cuda else None] for _ in range(2)]
+        self.bufs.reverse()
+        if self.bufs[0][1] is not None:
+            self.bufs[0][1].synchronize()  # (an event never recorded returns at once)
+        return self.bufs[0][0][:n]
+
+    def copied(self) -> None:
+        """The copies queued so far use the buffer last taken."""
+        if self.cuda:
+            self.bufs[0][1].record()
+
+
 def _int64s(ids: list[int]) -> np.ndarray:
     return np.fromiter(ids, dtype=np.int64, count=len(ids))  # about half np.array's time on a list
 
@@ -63,8 +92,8 @@ class ModelRunner:
         self.pack_seconds = 0.0  # host time spent packing steps, over the runner's life (gptoss bench)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
-        self._host_tokens: list[torch.Tensor] = []  # two pinned buffers: one being read, one filling
-        self._step_buffers: list[list] = []  # _pack's two pinned [buffer, event after its last copy out]
+        self._host_tokens = _HostBuffers(self.device)  # sampled tokens: one being read, one filling
+        self._host_steps = _HostBuffers(self.device)  # packed steps: one being copied, one filling
 
     def _pack(self, out: SchedulerOutput) -> tuple[list[int], torch.Tensor, list[Request]]:
         """The whole step as one int64 tensor: one host-to-device copy, and one broadcast under TP.
@@ -93,7 +122,8 @@ class ModelRunner:
         width = max(len(r.block_ids) for r in reqs)
         header = [T, B, width, S, max(ns), max(ends), int(swa), P]
         sizes = [HEADER, T, T, T, B + 1, B, S, B * width * (2 if swa else 1), T if swa else 0, 2 * P]
-        host = self._step_buffer(sum(sizes))
+        n = sum(sizes)  # on CPU, .to(device) below is the tensor itself: a fresh one, never refilled
+        host = self._host_steps.take(n) if self.device.type == "cuda" else torch.empty(n, dtype=torch.int64)
         flat = host.numpy()
         flat.fill(0)
         _, ids, pos, slots, qsl_out, seq_lens, rows_out, tables, swa_slots, pending = \
@@ -120,25 +150,8 @@ class ModelRunner:
             swa_slots[:] = tables[1, seq, blk] * bs + off
         dev = host.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
-            self._step_buffers[0][1].record()  # the copy out of this buffer
+            self._host_steps.copied()
         return header, dev, samplers
-
-    def _step_buffer(self, n: int) -> torch.Tensor:
-        """Host memory for a packed step of n int64s. On CUDA, one of two pinned buffers taken in turn:
-        a copy from pageable memory blocks the host until the stream reaches it (at 64 x 32k, 1 MB of
-        block tables: most of the step), so the host could not prepare the next step meanwhile. A buffer
-        is refilled only once its last copy out is done (in practice long done: two steps back)."""
-        if self.device.type != "cuda":
-            return torch.empty(n, dtype=torch.int64)  # .to(cpu) is the tensor itself: never reused
-        bufs = self._step_buffers
-        if not bufs or bufs[0][0].numel() < n:
-            size = max(1 << 12, 1 << (n - 1).bit_length())
-            if bufs:
-                torch.cuda.current_stream().synchronize()  # the old buffers' copies are done
-            bufs[:] = [[torch.empty(size, dtype=torch.int64, pin_memory=True), torch.cuda.Event()] for _ in range(2)]
-        bufs.reverse()
-        bufs[0][1].synchronize()  # (an event never recorded returns at once)
-        return bufs[0][0][:n]
 
     def unpack(self, header: list[int], flat: torch.Tensor, prev: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
@@ -200,12 +213,9 @@ class ModelRunner:
         if not samplers:
             return samplers, None
         tokens = sample_on_device(logits, samplers, self.generator)
-        if len(self._host_tokens) < 2 or self._host_tokens[0].numel() < tokens.numel():
-            pin = tokens.is_cuda
-            self._host_tokens = [torch.empty(max(tokens.numel(), 256), dtype=torch.int64, pin_memory=pin)
-                                 for _ in range(2)]
-        self._host_tokens.reverse()  # the other buffer than the step before's
-        return samplers, PendingTokens(tokens, self._host_tokens[0])
+        pending = PendingTokens(tokens, self._host_tokens.take(tokens.numel()))
+        self._host_tokens.copied()
+        return samplers, pending
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int, swa: bool, with_logits: bool = True) -> None:
         """Under TP every rank captures the same buckets in the same order (the all-reduces inside
