@@ -151,6 +151,16 @@ def _load_rows(c_ptr, row, n0, key_end, D: tl.constexpr, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
+def _kv_tile(kc_ptr, vc_ptr, n0, bt_row_ptr, kvh, stride_cb, stride_ct, stride_ch, key_end, ty,
+             BLOCK_SIZE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """Keys [n0, n0 + BLOCK_N) of KV head kvh: (their blocks [BLOCK_N], K and V [BLOCK_N, D] in dtype ty)."""
+    blk, row = _kv_rows(n0, bt_row_ptr, kvh, stride_cb, stride_ct, stride_ch, key_end, BLOCK_SIZE, BLOCK_N,
+                        MASK_KEYS)
+    k = _load_rows(kc_ptr, row, n0, key_end, D, BLOCK_N, MASK_KEYS).to(ty)
+    return blk, k, _load_rows(vc_ptr, row, n0, key_end, D, BLOCK_N, MASK_KEYS).to(ty)
+
+
+@triton.jit
 def _softmax_step(acc, m_i, l_i, s, v, vsc, n0, key_end, qpos, window, BLOCK_N: tl.constexpr, FP8: tl.constexpr,
                   MASK_KEYS: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr):
     """The online softmax of one tile's scaled scores s [M, BLOCK_N] (keys n0..) and its values v (in
@@ -188,10 +198,8 @@ def _attend_tile(q, acc, m_i, l_i, n0, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_row_pt
     q [M, D]; acc [M, D] f32; m_i, l_i [M] f32 (base-2 logits). MASK_KEYS masks keys >= key_end
     (and never loads them); CAUSAL / USE_WINDOW mask against the query positions qpos [M].
     """
-    blk, row = _kv_rows(n0, bt_row_ptr, kvh, stride_cb, stride_ct, stride_ch, key_end, BLOCK_SIZE, BLOCK_N,
-                        MASK_KEYS)
-    k = _load_rows(kc_ptr, row, n0, key_end, D, BLOCK_N, MASK_KEYS).to(q.dtype)  # q is already in the dot dtype
-    v = _load_rows(vc_ptr, row, n0, key_end, D, BLOCK_N, MASK_KEYS).to(q.dtype)
+    blk, k, v = _kv_tile(kc_ptr, vc_ptr, n0, bt_row_ptr, kvh, stride_cb, stride_ct, stride_ch, key_end,
+                         q.dtype, BLOCK_SIZE, D, BLOCK_N, MASK_KEYS)  # q is already in the dot dtype
     s = tl.dot(q, tl.trans(k))  # [M, BLOCK_N] f32
     vsc = s  # fp8 only
     if FP8:  # the scales after the dot, as their own loads
@@ -377,9 +385,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
         slot = tl.load(slot_ptr + tl.where(t_real, t, 0)).to(tl.int64)  # a padding sequence has no token t
         write = t_real & (end == seq_len) & (start < end) & (slot >= 0)  # slot < 0: a graph's padding row
         if EARLY:  # the first tile, before the wait
-            _, row = _kv_rows(start, bt_row, kvh, stride_cb, stride_ct, stride_ch, end, BLOCK_SIZE, BLOCK_N, True)
-            k0 = _load_rows(kc_ptr, row, start, end, D, BLOCK_N, True)
-            v0 = _load_rows(vc_ptr, row, start, end, D, BLOCK_N, True)
+            _, k0, v0 = _kv_tile(kc_ptr, vc_ptr, start, bt_row, kvh, stride_cb, stride_ct, stride_ch, end,
+                                 kc_ptr.dtype.element_ty, BLOCK_SIZE, D, BLOCK_N, True)
             pdl_enter(PDL)
         q, k_row, v_row = _rope_kv_decode(q_ptr, k_ptr, v_ptr, c, s, slot, kc_ptr, vc_ptr, ks_ptr, vs_ptr, t, kvh,
                                           heads, qmask, write, stride_qt, stride_qh, stride_kt, stride_kh,
@@ -394,9 +401,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
         own = seq_len - 1  # the token's own key: from registers, the cache may not hold it yet
         for n0 in range(start, end, BLOCK_N):
             if n0 > start:
-                _, row = _kv_rows(n0, bt_row, kvh, stride_cb, stride_ct, stride_ch, end, BLOCK_SIZE, BLOCK_N, True)
-                k0 = _load_rows(kc_ptr, row, n0, end, D, BLOCK_N, True)
-                v0 = _load_rows(vc_ptr, row, n0, end, D, BLOCK_N, True)
+                _, k0, v0 = _kv_tile(kc_ptr, vc_ptr, n0, bt_row, kvh, stride_cb, stride_ct, stride_ch, end,
+                                     kc_ptr.dtype.element_ty, BLOCK_SIZE, D, BLOCK_N, True)
             if n0 + BLOCK_N > own:  # the tile with the token's key
                 mine = (n0 + tl.arange(0, BLOCK_N) == own)[:, None]
                 k0 = tl.where(mine, k_row, k0)
