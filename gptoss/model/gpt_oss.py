@@ -175,7 +175,7 @@ class MLPBlock(nn.Module):
         with stage("moe.router"):
             if GEMV_ROUTER and NORM_ROUTER and _gemv_ok(x, self.router_weight):
                 # one token through moe_token: t written in the chunk order its gate_up loads fastest
-                chunked = CHUNK_ORDER_T and getattr(self.experts, "takes_chunk_order", lambda n: False)(1)
+                chunked = CHUNK_ORDER_T and self.experts.takes_chunk_order(1)  # (a MoEBackend: registry checks)
                 t, x, logits = rms_norm_linear_rows(x, delta, self.norm.weight, self.norm.eps, self.router_weight,
                                                     self.router_bias, ROUTER_GEMV, t_chunk_order=chunked)
             else:
