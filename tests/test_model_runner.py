@@ -1,4 +1,5 @@
-"""The step packing (ModelRunner._pack / unpack) against a plain per-token reference."""
+"""The step packing (ModelRunner._pack / unpack) against a plain per-token reference, and the decode
+graphs' own unpacking (kernels.decode_inputs) against unpack."""
 
 import random
 
@@ -9,6 +10,7 @@ from gptoss.engine.model_runner import HEADER, ModelRunner, _HostBuffers
 from gptoss.engine.request import Request
 from gptoss.engine.scheduler import SchedulerOutput
 from gptoss.sampling_params import SamplingParams
+from interpreted import check_interpreted
 
 
 def _step(rng, swa: bool, bs: int = 4):
@@ -120,11 +122,76 @@ def test_pinned_step_buffers_are_not_refilled_under_a_pending_copy():
     cpu.block_size, cpu.device, cpu.kv_caches = 4, torch.device("cpu"), []
     gpu = ModelRunner.__new__(ModelRunner)
     gpu.block_size, gpu.device, gpu.kv_caches = 4, torch.device("cuda"), []
-    gpu._host_steps = _HostBuffers(gpu.device)
+    gpu._host_steps, gpu.graphs = _HostBuffers(gpu.device), None
     steps = [_step(rng, swa=i % 2 == 1) for i in range(5)]
     torch.cuda._sleep(50_000_000)  # keep the stream busy: the copies queue behind it
-    got = [gpu._pack(out)[1] for out in steps]
+    got = [gpu._upload(*gpu._pack(out)[:2]) for out in steps]
     torch.cuda.synchronize()
     for out, dev in zip(steps, got):
         assert torch.equal(dev.cpu(), cpu._pack(out)[1])
     assert len(gpu._host_steps.bufs) == 2 and all(b[0].is_pinned() for b in gpu._host_steps.bufs)
+
+
+def _decode_step(rng, B: int, swa: bool, pending: bool, bs: int = 4) -> tuple[SchedulerOutput, int]:
+    """B decoding sequences of mixed lengths (tables of different widths); pending: every other one's
+    newest token is still on the device, at a shuffled row of the step before's S_prev tokens."""
+    out, s_prev = SchedulerOutput(), B + 3
+    rows = rng.sample(range(s_prev), B)
+    for i in range(B):
+        r = Request(str(i), [rng.randrange(1000) for _ in range(rng.randrange(1, 40))], SamplingParams())
+        r.output_token_ids = [rng.randrange(1000) for _ in range(rng.randrange(1, 9))]
+        r.num_computed_tokens = r.num_tokens - 1
+        nb = -(-r.num_tokens // bs)
+        r.block_ids = rng.sample(range(1, 500), nb)
+        if swa:
+            r.swa_block_ids = [0] * max(0, nb - 3) + rng.sample(range(1, 100), min(nb, 3))
+        if pending and i % 2:
+            r.output_token_ids.pop()  # num_tokens counts it still, as pending
+            r.num_pending, r.pending_row = 1, rows[i]
+        out.requests.append(r)
+        out.num_scheduled_tokens[r.request_id] = 1
+    return out, s_prev
+
+
+@pytest.mark.parametrize("swa,pending", [(False, True), (True, True), (True, False)])
+def test_decode_graph_unpacking_matches_unpack(swa, pending):
+    # the graph's first kernel fills its static buffers from the packed step on the device; rows past
+    # B are padding (slot -1, null block, one key) and table columns past W keep what they held
+    check_interpreted(f"""
+import random, sys, torch
+sys.path.insert(0, "tests")
+from gptoss.engine.model_runner import ModelRunner
+from gptoss.kernels.decode_inputs import decode_inputs
+from test_model_runner import _decode_step
+rng = random.Random({int(swa) * 2 + int(pending)})
+runner = object.__new__(ModelRunner)
+runner.block_size, runner.device, runner.kv_caches = 4, torch.device("cpu"), []
+rows, width = 8, 16
+i64 = dict(dtype=torch.int64)
+for B in (1, 5, 8):
+    out, s_prev = _decode_step(rng, B, {swa}, {pending})
+    header, flat, _ = runner._pack(out)
+    assert header[0] == header[1] == header[3] == B and header[4] == 1
+    prev = torch.tensor([rng.randrange(1000) for _ in range(s_prev)])
+    ids_ref, pos_ref, ctx = runner.unpack(header, flat.clone(), prev)
+    tokens = torch.cat([prev, torch.full((rows,), -7, **i64)])
+    junk = lambda *shape, dt=torch.int64: torch.randint(-99, 99, shape, dtype=dt)
+    ids, pos, slots, swa_slots = junk(rows), junk(rows), junk(rows), junk(rows)
+    seq_lens, tables, swa_tables = junk(rows, dt=torch.int32), junk(rows, width, dt=torch.int32), junk(rows, width, dt=torch.int32)
+    t0, s0 = tables.clone(), swa_tables.clone()
+    decode_inputs(flat, tokens, ids, pos, slots, seq_lens, tables, swa_slots if {swa} else None,
+                  swa_tables if {swa} else None)
+    W = header[2]
+    assert torch.equal(ids[:B], ids_ref) and torch.equal(pos[:B], pos_ref), (ids, ids_ref)
+    assert torch.equal(slots[:B], ctx.slot_mapping) and torch.equal(seq_lens[:B], ctx.seq_lens)
+    assert torch.equal(tables[:B, :W], ctx.block_tables) and torch.equal(tables[:B, W:], t0[:B, W:])
+    pad = slice(B, rows)
+    assert (slots[pad] == -1).all() and (seq_lens[pad] == 1).all() and (tables[pad, 0] == 0).all()
+    assert (ids[pad] == 0).all() and (pos[pad] == 0).all() and torch.equal(tables[pad, 1:], t0[pad, 1:])
+    if {swa}:
+        assert torch.equal(swa_slots[:B], ctx.swa_slot_mapping) and (swa_slots[pad] == -1).all()
+        assert torch.equal(swa_tables[:B, :W], ctx.swa_block_tables) and (swa_tables[pad, 0] == 0).all()
+        assert torch.equal(swa_tables[:B, W:], s0[:B, W:])
+print("ok")
+""")
+

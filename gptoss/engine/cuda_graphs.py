@@ -1,11 +1,15 @@
-"""CUDA graphs for decode steps: one graph per batch-size bucket, replayed with the step's tensors
-copied into static buffers. Padding rows decode one token against the null block and write nowhere."""
+"""CUDA graphs for decode steps: one graph per batch-size bucket. A step's packed tensor is copied to a
+static buffer, and the graph unpacks it itself (kernels.decode_inputs), runs the model and, with
+logits, takes their argmax (kernels.argmax) for greedy rows. Padding rows decode one token against
+the null block and write nowhere."""
 
 from __future__ import annotations
 
 import torch
 
 from ..kernels import pdl
+from ..kernels.argmax import argmax_scratch, row_argmax
+from ..kernels.decode_inputs import BLOCK_P, decode_inputs, step_sizes
 from .forward_context import ForwardContext, set_forward_context
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
@@ -23,8 +27,13 @@ class DecodeGraphs:
         self.with_logits = with_logits  # TP worker ranks stop at the hidden states
         self.sizes = [b for b in BUCKETS if b <= max_batch] or [1]
         n, w = self.sizes[-1], -(-max_model_len // block_size)
+        assert n <= BLOCK_P, "decode_inputs searches the pending tokens in one block"
         self.max_model_len = max_model_len
         z = dict(dtype=torch.int64, device=device)
+        # the packed step of the largest bucket at the longest tables, every part present
+        self.flat = torch.zeros(sum(step_sizes([n, n, w, n, 1, max_model_len, 1, n])), **z)
+        self.tokens = torch.zeros(n, **z)  # the argmax of the last replay; pending tokens are read here
+        self.argmax_scratch = argmax_scratch(n, device)
         self.ids = torch.zeros(n, **z)
         self.pos = torch.zeros(n, **z)
         self.slots = torch.full((n,), -1, **z)
@@ -36,6 +45,8 @@ class DecodeGraphs:
         self.rows = torch.arange(n, **z)
         self.kv_caches = kv_caches
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # a step that unpacks as a padding-only one (B = 0) until the first real step arrives
+        self.flat[:8] = torch.tensor([0, 0, 1, 0, 1, 1, int(swa), 0])
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             self.graphs[b] = self._capture(b, pool)
@@ -61,32 +72,34 @@ class DecodeGraphs:
         return g, out
 
     def _step(self, b: int) -> torch.Tensor:
-        hidden = self.model(self.ids[:b], self.pos[:b])
-        return self.model.compute_logits(hidden) if self.with_logits else hidden
+        decode_inputs(self.flat, self.tokens, self.ids[:b], self.pos[:b], self.slots[:b], self.seq_lens[:b],
+                      self.tables[:b], None if self.swa_slots is None else self.swa_slots[:b],
+                      None if self.swa_tables is None else self.swa_tables[:b])
+        if not self.with_logits:
+            return self.model(self.ids[:b], self.pos[:b])
+        logits = self.model(self.ids[:b], self.pos[:b], logits=True)
+        row_argmax(logits, self.tokens[:b], self.argmax_scratch)
+        return logits
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
+    def holds(self, tokens: torch.Tensor | None) -> bool:
+        """Whether tokens are this object's own (a replay's argmax), which the next replay reads in place."""
+        return tokens is not None and tokens.data_ptr() == self.tokens.data_ptr()
+
     @torch.inference_mode()
-    def run(self, ctx: ForwardContext, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """A decode step of B = len(ids) sequences (one token each) -> logits [B, vocab] in the model
-        dtype (or the hidden states [B, H] without logits)."""
-        B = ids.shape[0]
+    def run(self, header: list[int], flat: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """A pure decode step of B = header[1] sequences, packed in flat (model_runner's layout; the copy
+        is skipped when flat is a view of self.flat) -> logits [B, vocab] in the model dtype, their
+        argmax in self.tokens[:B] (or the hidden states [B, H] without logits). prev: the tokens of
+        the step before, which pending positions take."""
+        B = header[1]
         b = next(s for s in self.sizes if s >= B)
-        W = ctx.block_tables.shape[1]
-        self.ids[:B].copy_(ids)
-        self.pos[:B].copy_(pos)
-        self.slots[:B].copy_(ctx.slot_mapping)
-        self.slots[B:b].fill_(-1)  # padding rows must not write into the cache
-        self.seq_lens[:B].copy_(ctx.seq_lens)
-        self.seq_lens[B:b].fill_(1)
-        self.tables[:B, :W].copy_(ctx.block_tables)
-        self.tables[B:b, 0].fill_(0)  # padding rows read the null block
-        if self.swa_tables is not None:
-            self.swa_slots[:B].copy_(ctx.swa_slot_mapping)
-            self.swa_slots[B:b].fill_(-1)
-            self.swa_tables[:B, :W].copy_(ctx.swa_block_tables)
-            self.swa_tables[B:b, 0].fill_(0)
+        if flat.data_ptr() != self.flat.data_ptr():
+            self.flat[:flat.numel()].copy_(flat, non_blocking=True)
+        if header[7] and not self.holds(prev):
+            self.tokens[:prev.numel()].copy_(prev)
         g, out = self.graphs[b]
         g.replay()
         return out[:B]

@@ -7,16 +7,14 @@ import time
 import numpy as np
 import torch
 
+from ..kernels.decode_inputs import HEADER, step_sizes
 from ..model.gpt_oss import Transformer
 from .forward_context import ForwardContext, set_forward_context
 from .kv_cache import LayerKVCache
 from .request import Request
-from .sampler import SamplerOutput, sample, sample_on_device
+from .sampler import SamplerOutput, greedy_only, sample, sample_on_device
 from .scheduler import SchedulerOutput
 
-
-# T, B, table width, rows to unembed, max query len, max seq len, has sliding tables, pending tokens
-HEADER = 8
 
 
 class PendingTokens:
@@ -120,9 +118,10 @@ class ModelRunner:
                 if r.num_pending and e == r.num_tokens]
         P = len(pend)
         width = max(len(r.block_ids) for r in reqs)
+        # T, B, table width, rows to unembed, max query len, max seq len, has sliding tables, pending tokens
         header = [T, B, width, S, max(ns), max(ends), int(swa), P]
-        sizes = [HEADER, T, T, T, B + 1, B, S, B * width * (2 if swa else 1), T if swa else 0, 2 * P]
-        n = sum(sizes)  # on CPU, .to(device) below is the tensor itself: a fresh one, never refilled
+        sizes = step_sizes(header)
+        n = sum(sizes)  # on CPU, _upload hands on this tensor itself: a fresh one, never refilled
         host = self._host_steps.take(n) if self.device.type == "cuda" else torch.empty(n, dtype=torch.int64)
         flat = host.numpy()
         flat.fill(0)
@@ -148,17 +147,24 @@ class ModelRunner:
         slots[:] = tables[0, seq, blk] * bs + off
         if swa:
             swa_slots[:] = tables[1, seq, blk] * bs + off
-        dev = host.to(self.device, non_blocking=True)
+        return header, host, samplers
+
+    def _upload(self, header: list[int], host: torch.Tensor) -> torch.Tensor:
+        """The packed step on the device: straight into the decode graphs' own buffer when one replays it."""
+        if self._replays(header):
+            dev = self.graphs.flat[:host.numel()]
+            dev.copy_(host, non_blocking=True)
+        else:
+            dev = host.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             self._host_steps.copied()
-        return header, dev, samplers
+        return dev
 
     def unpack(self, header: list[int], flat: torch.Tensor, prev: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         """prev: the sampled tokens of the step before, for the pending placeholders."""
         T, B, W, S, max_q, max_s, swa, P = header
-        sizes = [HEADER, T, T, T, B + 1, B, S, B * W * (2 if swa else 1), T if swa else 0, 2 * P]
-        _, ids, pos, slots, qsl, seq_lens, rows, tables, swa_slots, pending = flat.split(sizes)
+        _, ids, pos, slots, qsl, seq_lens, rows, tables, swa_slots, pending = flat.split(step_sizes(header))
         if P:
             ids.index_copy_(0, pending[:P], prev.index_select(0, pending[P:]))
         i32 = torch.int32
@@ -179,40 +185,47 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, header: list[int], flat: torch.Tensor, prev: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, ForwardContext, bool]:
-        """The step's forward -> (logits [S, vocab] when a graph replayed it, else hidden [T, H], ctx,
-        whether a graph replayed it). TP worker ranks run exactly this for every step rank 0 broadcasts."""
-        input_ids, positions, ctx = self.unpack(header, flat, prev)
+        """The step's forward -> (logits [S, vocab] when a graph replayed it, else hidden [T, H], ctx (None
+        for a replay, which unpacks on the device), whether a graph replayed it). TP worker ranks run
+        exactly this for every step rank 0 broadcasts."""
         if self._replays(header):
-            return self.graphs.run(ctx, input_ids, positions), ctx, True
+            return self.graphs.run(header, flat, prev), None, True
+        input_ids, positions, ctx = self.unpack(header, flat, prev)
         with set_forward_context(ctx):
             return self.model(input_ids, positions), ctx, False
 
-    def _logits(self, out: SchedulerOutput, prev: PendingTokens | None) -> tuple[list[Request], torch.Tensor | None]:
+    def _logits(self, out: SchedulerOutput, prev: PendingTokens | None
+                ) -> tuple[list[Request], torch.Tensor | None, torch.Tensor | None]:
+        """-> (the rows that sample, their logits, their argmax when a graph replayed the step, else None)."""
         t0 = time.perf_counter()
-        header, flat, samplers = self._pack(out)
+        header, host, samplers = self._pack(out)
         self.pack_seconds += time.perf_counter() - t0
+        flat = self._upload(header, host)
         if self.group is not None:
             self.group.send_step(header, flat, prev.tokens if prev is not None else None)
         result, ctx, replayed = self.forward(header, flat, prev.tokens if prev is not None else None)
         if not samplers:
-            return samplers, None
-        # a replayed graph already gave the logits (rank 0's graphs include the unembedding)
-        return samplers, result if replayed else self.model.compute_logits(result[ctx.logits_indices])
+            return samplers, None, None
+        if replayed:  # rank 0's graphs include the unembedding and the argmax
+            return samplers, result, self.graphs.tokens[:len(samplers)]
+        return samplers, self.model.compute_logits(result[ctx.logits_indices]), None
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None]:
         """Run the step and wait for its tokens (and logprobs)."""
-        samplers, logits = self._logits(out, None)
+        samplers, logits, _ = self._logits(out, None)
         return samplers, sample(logits, samplers, self.generator) if samplers else None
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, prev: PendingTokens | None) -> tuple[list[Request], PendingTokens | None]:
         """Queue the step and return at once: its tokens come back as PendingTokens. prev: the
         step before, whose tokens this step's pending inputs gather on the device."""
-        samplers, logits = self._logits(out, prev)
+        samplers, logits, argmax = self._logits(out, prev)
         if not samplers:
             return samplers, None
-        tokens = sample_on_device(logits, samplers, self.generator)
+        # a replay's argmax stays where the next replay reads its pending tokens (DecodeGraphs.holds)
+        use_argmax = argmax is not None and greedy_only(samplers)
+        tokens = argmax if use_argmax else sample_on_device(logits, samplers, self.generator)
         pending = PendingTokens(tokens, self._host_tokens.take(tokens.numel()))
         self._host_tokens.copied()
         return samplers, pending

@@ -100,6 +100,11 @@ def _uniforms(reqs: list[Request], rows: list[int], default_generator, device) -
     return u
 
 
+def greedy_only(reqs: list[Request]) -> bool:
+    """Whether every row takes the argmax of the logits as they are (nothing edits them)."""
+    return all(r.params.greedy and not r.needs_sync for r in reqs)
+
+
 def sample_on_device(logits: torch.Tensor, reqs: list[Request], default_generator: torch.Generator | None = None
                      ) -> torch.Tensor:
     """logits [S, V] (the model dtype; fp32 ones are modified in place), one row per request that
@@ -108,7 +113,7 @@ def sample_on_device(logits: torch.Tensor, reqs: list[Request], default_generato
     A sampled row draws one uniform u and takes the first token whose cumulative probability
     exceeds u (inverse-CDF sampling): one random number per row instead of one per vocabulary entry.
     """
-    if all(r.params.greedy and not r.needs_sync for r in reqs):
+    if greedy_only(reqs):
         # nothing edits the logits: the argmax of bf16 logits is the argmax of their exact fp32 copy,
         # and skipping that copy saves moving about 0.4 GB at batch 256 (0.14 ms of a 15 ms step)
         return logits.argmax(-1)

@@ -223,10 +223,15 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.mlp.bind_moe_backend(backend_cls, self.dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits: bool = False) -> torch.Tensor:
+        """-> the hidden states [T, H], or with logits every row's logits [T, vocab] (the decode graphs:
+        the last block's add goes into the final norm's kernel, as compute_logits' rows take it apart)."""
         x, delta = F.embedding(input_ids, self.embedding), None  # [T, H]
         for layer in self.layers:
             x, delta = layer(x, delta, positions)
+        if logits:
+            with stage("unembed"):
+                return F.linear(self.norm(x, delta)[0], self.unembedding)
         return (x + delta).to(x.dtype)  # delta may be a float32 MoE sum
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
