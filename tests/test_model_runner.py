@@ -195,3 +195,16 @@ for B in (1, 5, 8):
 print("ok")
 """)
 
+
+def test_profile_run_keeps_each_sequence_within_max_model_len(tiny_llm, monkeypatch):
+    # the engine measures activations with max_num_batched_tokens split over max_num_seqs; with a short
+    # max_model_len that split made sequences longer than the rope table (an index error on CPU, an
+    # out-of-bounds gather on the GPU). The scheduler never schedules more than max_num_seqs x max_len.
+    runner, L = tiny_llm.engine.runner, tiny_llm.engine.max_model_len
+    seen = []
+    forward = runner.model.forward
+    monkeypatch.setattr(runner.model, "forward",
+                        lambda ids, pos, **kw: seen.append((ids.numel(), int(pos.max()))) or forward(ids, pos, **kw))
+    runner.profile_run(4 * L + 5, 2, L)   # more tokens than two sequences can hold
+    runner.profile_run(2 * L - 1, 2, L)   # one short of full: the remainder spread, none past L
+    assert seen == [(2 * L, L - 1), (2 * L - 1, L - 1)]

@@ -135,7 +135,7 @@ class LLMEngine:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
         ModelRunner(self.model, kv, self.block_size, self.device).profile_run(
-            self.max_num_batched_tokens, self.config.max_num_seqs)
+            self.max_num_batched_tokens, self.config.max_num_seqs, self.max_model_len)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - baseline  # the largest step's activations
         del kv

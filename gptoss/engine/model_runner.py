@@ -238,13 +238,14 @@ class ModelRunner:
                                    self.device, with_logits)
 
     @torch.inference_mode()
-    def profile_run(self, num_tokens: int, num_seqs: int) -> None:
+    def profile_run(self, num_tokens: int, num_seqs: int, max_len: int) -> None:
         """One forward at the largest batch, so the caller can measure peak activation memory. All
-        tokens read the null block and write nowhere."""
+        tokens read the null block and write nowhere. No sequence is longer than max_len (the model's
+        rope table ends there, and the scheduler never schedules more: at most num_seqs x max_len tokens)."""
+        num_tokens = min(num_tokens, num_seqs * max_len)
         num_seqs = max(1, min(num_seqs, num_tokens))
-        per = num_tokens // num_seqs
-        qlens = [per] * num_seqs
-        qlens[-1] += num_tokens - per * num_seqs
+        per, extra = divmod(num_tokens, num_seqs)
+        qlens = [per + (i < extra) for i in range(num_seqs)]
         nblk = -(-max(qlens) // self.block_size)
         dev = self.device
         qsl = [0]
