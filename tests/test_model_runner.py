@@ -81,7 +81,7 @@ def test_cached_tables_follow_every_change_the_kv_manager_makes():
     from gptoss.engine.kv_cache import KVCacheManager
     runner = object.__new__(ModelRunner)
     runner.block_size, runner.device, runner.kv_caches = 4, torch.device("cpu"), []
-    pool = KVCacheManager(64, 4, enable_prefix_caching=True, window=8, num_swa_blocks=32)
+    pool = KVCacheManager(256, 4, enable_prefix_caching=True, window=8, num_swa_blocks=32)
     r = Request("r", list(range(100, 130)), SamplingParams())
 
     def tables_match():
@@ -109,6 +109,15 @@ def test_cached_tables_follow_every_change_the_kv_manager_makes():
     assert pool.match_prefix(r) > 0 and pool.allocate(r, r.num_tokens - r.num_computed_tokens)
     r.num_computed_tokens = r.num_tokens - 1
     tables_match()
+    # decode: a block every 4 tokens, a sliding block zeroed as the window moves on, and the arrays
+    # outgrowing their first capacity (64 entries) on the way; each step updates a few entries only
+    for _ in range(300):
+        r.output_token_ids.append(7)
+        assert pool.allocate(r, 1)
+        pool.release_out_of_window(r)
+        tables_match()
+        r.num_computed_tokens += 1
+    assert len(r.block_ids) > 64
     pool.free(r)
 
 

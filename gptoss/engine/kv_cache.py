@@ -203,10 +203,11 @@ class KVCacheManager:
         if need > self.full.num_free_blocks or (self.swa and need_swa > self.swa.num_free_blocks):
             return False
         if need > 0 or need_swa > 0:
+            old = min(len(req.block_ids), len(req.swa_block_ids)) if self.swa else len(req.block_ids)
             req.block_ids.extend(self.full.take(max(0, need)))
             if self.swa:
                 req.swa_block_ids.extend(self.swa.take(max(0, need_swa)))
-            req.kv_version += 1
+            req.kv_dirty_from = min(req.kv_dirty_from, old)
         return True
 
     def free(self, req: Request) -> None:
@@ -216,7 +217,7 @@ class KVCacheManager:
         if self.swa:
             self.swa.release(reversed(req.swa_block_ids))
             req.swa_block_ids = []
-        req.kv_version += 1
+        req.kv_dirty_from = 0
 
     def _window_start_block(self, next_pos: int) -> int:
         """First block a query at next_pos (or later) can still see on a sliding layer."""
@@ -233,7 +234,7 @@ class KVCacheManager:
                 break  # everything before was released earlier
             self.swa.release([table[i]])
             table[i] = 0
-            req.kv_version += 1
+            req.kv_dirty_from = min(req.kv_dirty_from, i)
 
     # --- prefix caching ------------------------------------------------------------------------------
     def _chain(self, req: Request, upto_blocks: int) -> list[tuple[int, tuple]]:
@@ -277,7 +278,7 @@ class KVCacheManager:
                 if bid:
                     self.swa.share(bid)
             req.swa_block_ids = swa[:n] if n else []
-        req.kv_version += 1
+        req.kv_dirty_from = 0
         req.num_registered_blocks = n  # shared blocks are cached already
         req.num_computed_tokens = n * bs
         return req.num_computed_tokens

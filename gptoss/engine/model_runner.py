@@ -11,7 +11,7 @@ from ..kernels.decode_inputs import HEADER, step_sizes
 from ..model.gpt_oss import Transformer
 from .forward_context import ForwardContext, set_forward_context
 from .kv_cache import LayerKVCache
-from .request import Request
+from .request import TABLES_CLEAN, Request
 from .sampler import SamplerOutput, greedy_only, sample, sample_on_device
 from .scheduler import SchedulerOutput
 
@@ -69,13 +69,32 @@ def _int64s(ids: list[int]) -> np.ndarray:
     return np.fromiter(ids, dtype=np.int64, count=len(ids))  # about half np.array's time on a list
 
 
+def _synced(buf: np.ndarray | None, ids: list[int], start: int) -> np.ndarray:
+    """buf (grown when ids outgrew it) with entries start.. of ids copied in."""
+    n = len(ids)
+    if buf is None or buf.shape[0] < n:
+        grown = np.empty(max(64, 2 * n), dtype=np.int64)
+        if buf is not None:
+            grown[:start] = buf[:start]
+        buf = grown
+    if n > start:
+        buf[start:n] = _int64s(ids[start:])
+    return buf
+
+
 def _tables_of(r: Request) -> tuple[np.ndarray, np.ndarray]:
-    """r's block lists as int64 arrays, rebuilt only when the KV cache manager changed them (every
-    block_size tokens in decode), so a step copies arrays instead of converting long lists."""
-    c = r.kv_tables
-    if c is None or c[0] != r.kv_version:
-        c = r.kv_tables = (r.kv_version, _int64s(r.block_ids), _int64s(r.swa_block_ids))
-    return c[1], c[2]
+    """r's block lists as int64 arrays, kept with the request and brought up to date from the first
+    index the KV cache manager changed (kv_dirty_from): in decode a sequence gains a block every
+    block_size tokens and its sliding list zeroes one, so the step copies a few entries instead of
+    converting both lists (64 x 32k: 64 x 2 x 2,048 entries, ~7.5 ms every 16th step on a 2-core
+    machine, against ~0.3 ms)."""
+    c, d = r.kv_tables, r.kv_dirty_from
+    if c is None:
+        c, d = (None, None), 0
+    if d != TABLES_CLEAN:
+        c = r.kv_tables = (_synced(c[0], r.block_ids, d), _synced(c[1], r.swa_block_ids, d))
+        r.kv_dirty_from = TABLES_CLEAN
+    return c[0][:len(r.block_ids)], c[1][:len(r.swa_block_ids)]
 
 
 class ModelRunner:

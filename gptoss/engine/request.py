@@ -18,6 +18,8 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+TABLES_CLEAN = 1 << 62  # Request.kv_dirty_from when the runner's copies match the block lists
+
 @dataclass(eq=False)
 class Request:
     request_id: str
@@ -35,8 +37,10 @@ class Request:
     swa_block_ids: list[int] = field(default_factory=list)    # sliding layers' (0 once out of window)
     block_hashes: list = field(default_factory=list)  # (hash, tokens) of each full block, by the pool
     num_registered_blocks: int = 0  # leading blocks the pool has offered to the prefix cache
-    kv_version: int = 0  # bumped by the KV cache manager whenever it changes either block list
-    kv_tables: tuple | None = field(default=None, repr=False)  # (kv_version, int64 arrays), for the runner
+    # the first index of either block list that the KV cache manager changed since the runner last
+    # brought its int64 copies (kv_tables) up to date; TABLES_CLEAN when it changed none
+    kv_dirty_from: int = 0
+    kv_tables: tuple | None = field(default=None, repr=False)  # (full, sliding) int64 arrays, for the runner
     output_prompt: list[int] | None = None  # the prompt's copy that this request's outputs share
     generator: torch.Generator | None = None
     grammar: object | None = None  # a RequestGrammar when the output is constrained
