@@ -32,7 +32,9 @@ class DecodeGraphs:
         z = dict(dtype=torch.int64, device=device)
         # the packed step of the largest bucket at the longest tables, every part present
         self.flat = torch.zeros(sum(step_sizes([n, n, w, n, 1, max_model_len, 1, n])), **z)
-        self.tokens = torch.zeros(n, **z)  # the argmax of the last replay; pending tokens are read here
+        # the argmax of the last replay, where pending tokens are read: as long as a step's sampled rows
+        # can be (an eager step before a replay may sample up to max_batch rows, past the largest bucket)
+        self.tokens = torch.zeros(max(n, max_batch), **z)
         self.argmax_scratch = argmax_scratch(n, device)
         self.ids = torch.zeros(n, **z)
         self.pos = torch.zeros(n, **z)
