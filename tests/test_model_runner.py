@@ -217,3 +217,52 @@ def test_profile_run_keeps_each_sequence_within_max_model_len(tiny_llm, monkeypa
     runner.profile_run(4 * L + 5, 2, L)   # more tokens than two sequences can hold
     runner.profile_run(2 * L - 1, 2, L)   # one short of full: the remainder spread, none past L
     assert seen == [(2 * L, L - 1), (2 * L - 1, L - 1)]
+
+
+class _TwinGraphs:
+    """DecodeGraphs' contract with the runner, on CPU: the step arrives in `flat` (rank 0 uploads it
+    there), pending tokens are read from `tokens` (copied in unless they are its own), and a replay
+    leaves every row's argmax in `tokens`. The model runs eagerly, as the graph's kernels would."""
+
+    def __init__(self, runner, max_batch: int):
+        self.runner, self.sizes, self.replays, self.copies = runner, [max_batch], 0, 0
+        self.flat = torch.zeros(1 << 16, dtype=torch.int64)
+        self.tokens = torch.full((max_batch,), -1, dtype=torch.int64)
+
+    def fits(self, n: int) -> bool:
+        return n <= self.sizes[-1]
+
+    def holds(self, tokens) -> bool:
+        return tokens is not None and tokens.data_ptr() == self.tokens.data_ptr()
+
+    def run(self, header, flat, prev=None):
+        from gptoss.engine.forward_context import set_forward_context
+        assert flat.data_ptr() == self.flat.data_ptr(), "rank 0 uploads a replayed step into the graphs' buffer"
+        if header[7] and not self.holds(prev):
+            self.tokens[:prev.numel()].copy_(prev)
+            self.copies += 1
+        ids, pos, ctx = self.runner.unpack(header, flat.clone(), self.tokens)
+        with set_forward_context(ctx):
+            logits = self.runner.model(ids, pos, logits=True)
+        self.tokens[:header[1]] = logits.argmax(-1)
+        self.replays += 1
+        return logits
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_replayed_steps_take_their_inputs_and_argmax_from_the_graphs(tiny_ckpt, greedy):
+    # async scheduling hands each replay the step before's tokens: the graphs' own argmax when every
+    # row was greedy (read in place), else the sampler's (copied in); the tokens must be the eager ones
+    from gptoss import LLM
+    sp = SamplingParams(temperature=0 if greedy else 0.8, seed=None if greedy else 5, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [3 + i, 50, 7 * i + 1, 90]} for i in range(3)]
+    llm = LLM(str(tiny_ckpt), dtype="float32", device="cpu", max_model_len=256, max_num_seqs=4, progress=False)
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    runner = llm.engine.runner
+    runner.graphs = twin = _TwinGraphs(runner, 4)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    one = llm.generate(prompts[1], sp, use_tqdm=False)[0].outputs[0].token_ids
+    runner.graphs = None
+    assert twin.replays >= 2 * 10 and got == want and one == want[1]
+    # greedy: only a replay after an eager (prefill) step copies its pending tokens in, one a generate
+    assert twin.copies <= 2 if greedy else twin.copies >= twin.replays - 2, (twin.copies, twin.replays)
