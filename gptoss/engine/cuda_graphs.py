@@ -9,7 +9,7 @@ import torch
 
 from ..kernels import pdl
 from ..kernels.argmax import argmax_scratch, row_argmax
-from ..kernels.decode_inputs import BLOCK_P, decode_inputs, step_sizes
+from ..kernels.decode_inputs import BLOCK_P, HEADER, decode_inputs, step_sizes
 from .forward_context import ForwardContext, set_forward_context
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
@@ -48,7 +48,7 @@ class DecodeGraphs:
         self.kv_caches = kv_caches
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # a step that unpacks as a padding-only one (B = 0) until the first real step arrives
-        self.flat[:8] = torch.tensor([0, 0, 1, 0, 1, 1, int(swa), 0])
+        self.flat[:HEADER] = torch.tensor([0, 0, 1, 0, 1, 1, int(swa), 0])
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             self.graphs[b] = self._capture(b, pool)

@@ -20,6 +20,7 @@ class RequestStatus(enum.Enum):
 
 TABLES_CLEAN = 1 << 62  # Request.kv_dirty_from when the runner's copies match the block lists
 
+
 @dataclass(eq=False)
 class Request:
     request_id: str

@@ -1,21 +1,21 @@
 """A packed decode step (engine.model_runner's one int64 tensor) unpacked into a decode CUDA graph's
 static inputs by the graph's first kernel.
 
-    decode_inputs(flat, tokens, bufs, rows)   # bufs: ids, pos, slots, seq_lens, tables, swa_slots, swa_tables
+    decode_inputs(flat, tokens, ids, pos, slots, seq_lens, tables, swa_slots, swa_tables)  # the graph's buffers
 
 Unpacked on the host side of the graph, a batch-1 step took a gather and a scatter for its pending
 token, three int32 casts and seven copies into the static buffers: ~12 launches outside the graph
 between two replays. The kernel reads the step's header from the device, so one captured launch
-serves every step of a bucket, whatever its table width. The layout (model_runner.step_sizes):
+serves every step of a bucket, whatever its table width. The layout:
 
     header [T, B, W, S, max_q, max_s, swa, P], ids [T], pos [T], slots [T], query starts [B + 1],
     seq_lens [B], sampled rows [S], tables [B, W] (then the sliding group's [B, W] when swa),
     sliding slots [T if swa], pending [P positions, then P rows of the step before]
 
 `step_sizes` gives these sizes; model_runner packs and unpacks by it, and the kernel computes the
-same offsets on the device. A replayed step is pure decode (T == B == S, one token a sequence); a pending position takes the
-step before's token at its row in `tokens`. Rows B .. rows - 1 are padding: they write nowhere
-(slot -1), read the null block (table entry 0) and see one key.
+same offsets on the device. A replayed step is pure decode (T == B == S, one token a sequence); a
+pending position takes the step before's token at its row in `tokens`. Rows B .. rows - 1 are
+padding: they write nowhere (slot -1), read the null block (table entry 0) and see one key.
 """
 
 from __future__ import annotations

@@ -224,8 +224,9 @@ class Transformer(nn.Module):
             layer.mlp.bind_moe_backend(backend_cls, self.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits: bool = False) -> torch.Tensor:
-        """-> the hidden states [T, H], or with logits every row's logits [T, vocab] (the decode graphs:
-        the last block's add goes into the final norm's kernel, as compute_logits' rows take it apart)."""
+        """-> the hidden states [T, H], or with logits every row's logits [T, vocab]: the decode graphs,
+        whose rows all sample, so the last block's residual add runs inside the final norm's kernel
+        (eager steps unembed only their sampling rows, through compute_logits)."""
         x, delta = F.embedding(input_ids, self.embedding), None  # [T, H]
         for layer in self.layers:
             x, delta = layer(x, delta, positions)
