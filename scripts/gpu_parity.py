@@ -24,8 +24,8 @@ def our_logits(ckpt, backend, prompts, dtype="bfloat16"):
     model = llm.engine.model
     orig = model.compute_logits
 
-    def capture(hidden):
-        out = orig(hidden)
+    def capture(hidden, *residual):
+        out = orig(hidden, *residual)
         captured.append(out.detach().clone())
         return out
 

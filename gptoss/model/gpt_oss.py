@@ -231,12 +231,13 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x, delta = layer(x, delta, positions)
         if logits:
-            with stage("unembed"):
-                return F.linear(self.norm(x, delta)[0], self.unembedding)
+            return self.compute_logits(x, delta)
         return (x + delta).to(x.dtype)  # delta may be a float32 MoE sum
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [S, H] (the rows that sample) -> logits [S, vocab] in the model dtype: the sampler
-        takes the argmax of greedy rows as they are and makes an fp32 copy only when it edits them."""
+    def compute_logits(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [S, H] (the rows that sample; with residual, hidden + residual, summed inside the norm's
+        kernel) -> logits [S, vocab] in the model dtype: the sampler takes the argmax of greedy rows as
+        they are and makes an fp32 copy only when it edits them."""
         with stage("unembed"):
-            return F.linear(self.norm(hidden), self.unembedding)
+            return F.linear(self.norm(hidden) if residual is None else self.norm(hidden, residual)[0],
+                            self.unembedding)
