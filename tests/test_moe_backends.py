@@ -433,13 +433,16 @@ def check_token_kernels(G, R, T_, g, device, E, start, n_local, H, I, opts, tol)
 @pytest.mark.parametrize("start,n_local,E,H,I", [(0, 8, 8, 64, 64), (4, 4, 8, 192, 96), (8, 16, 40, 128, 320)])
 def test_token_kernels_match_twins(interp, start, n_local, E, H, I):
     # the interpreter runs moe_token's plain-Triton twin of its asm; the options cover warps sharing
-    # a row group's chunks (an uneven share: TAIL), several row groups a warp, prefetch 0-2 (2 with one
-    # chunk and with a last turn cut short), the down GEMM split over programs, row groups past N (the
-    # masked path) and K not a multiple of 64 (96, 320)
+    # a row group's chunks (an uneven share: TAIL), several row groups a warp, prefetch 0-4 (with one
+    # chunk and with a last turn cut short), x loaded with the weights (x_ahead), the down GEMM split over
+    # programs, row groups past N (the masked path) and K not a multiple of 64 (96, 320)
     from gptoss.kernels import moe_token as T_
     O = T_.TokenOptions
     opts = [(O(), O(split_k=2)), (O(4, 1, 1, 2, 2), O(4, 1, 3, 1, 4)), (O(2, 2, 1, 0, 1), O(8, 2, 2, 2, 2)),
-            (O(8, 1, 1, 1, 8), O(1, 1, 5, 1, 1)), (O(2, 1, 1, 2, 1), O(2, 1, 1, 2, 1))]
+            (O(8, 1, 1, 1, 8), O(1, 1, 5, 1, 1)), (O(2, 1, 1, 2, 1), O(2, 1, 1, 2, 1)),
+            (O(4, 1, 1, 2, 2, True), O(4, 1, 3, 1, 4, True)), (O(2, 2, 1, 2, 1, True), O(8, 2, 2, 2, 2, True)),
+            (O(4, 1, 1, 3, 2, True), O(4, 1, 2, 4, 4, True)), (O(2, 2, 1, 4, 1), O(4, 1, 3, 3, 2)),
+            (T_.GATE_UP_OPTIONS, T_.DOWN_OPTIONS)]
     check_token_kernels(interp.gemm, interp.routing, T_, torch.Generator().manual_seed(41 + I), "cpu", E, start,
                         n_local, H, I, opts, (4e-3, 5e-4))
     w = slice_weights(random_weights(MoESpec(8, 4, 64, 64), torch.Generator().manual_seed(1)))

@@ -15,6 +15,10 @@ x so too (`x_chunk_order=True`; the model's norm + router kernel writes it): 1.8
 Under PDL, down ranks the router's logits (written two kernels back) itself and loads its first
 weight chunk before its wait, while gate_up still runs (`DOWN_EARLY`): 1.919 vs 1.931 ms.
 
+gate_up keeps four chunks of weights in registers and x's words of the same chunks with them
+(`prefetch=4, x_ahead=True`): 17.0 against 20.1 us a layer (H100, moe_decode_probe), where either half
+alone gains nothing; in the batch-1 step the change is within run-to-run variation (docs/moe.md).
+
 `routing` is `inline_routing`'s (gate_up finds the token's top-k from the logits, as moe_gemm's does,
 and writes topk_ids / topk_weights for down); w1 / w2 "fragments" weights whose block scales all fit
 one multiply (`MXFP4Weight.upcast_mode == 2`: scales <= 128, true of the random checkpoints and, by
@@ -61,15 +65,20 @@ class TokenOptions:
     num_warps: int = 4      # warps a program
     row_groups: int = 1     # 16-row groups a warp streams side by side (they share the x loads)
     split_k: int = 1        # K chunks split over programs (down only: its output takes atomics)
-    prefetch: int = 1       # K chunks of weights in registers (0-2): 1 loads the next chunk through a
-                            # rotation, 2 keeps two buffers, each refilled in place
+    prefetch: int = 1       # K chunks of weights in registers (0-4): 1 loads the next chunk through a
+                            # rotation, 2-4 keep that many buffers, each refilled in place
     k_warps: int = 1        # warps of a program that share a row group's K chunks (divides num_warps)
+    x_ahead: bool = False   # prefetch >= 2: x's words ride in the buffers with the weights (else each
+                            # chunk loads its x next to its use)
 
 
-# the fastest of `python scripts/moe_decode_probe.py --sweep` on H100 (20b layer): gate_up 8 warps, pairs
-# sharing a row group's K, two buffers (20.4 us; 21.6 with one; 26.1 with one warp a row group); down 4
-# warps on one row group's K and 2 programs a row group, one buffer (9.9 us; 10.9 with two)
-GATE_UP_OPTIONS = TokenOptions(num_warps=8, prefetch=2, k_warps=2)
+# the fastest of `python scripts/moe_decode_probe.py --sweep` on H100 (20b layer, x in the chunk order):
+# gate_up 8 warps, pairs sharing a row group's K, four buffers with x in them (17.0 us; 20.1 with two
+# buffers and x loaded at its use, 20.2 with four and x at its use, 19.6 with three and x in them; the
+# weights in L2 take as long as cold ones, 20.3 for the two-buffer kernel: the SM's load latency
+# bounds it, not DRAM); down 4 warps on one row group's K and 2 programs a row group, one buffer (9.1
+# us; 10.1 with two buffers and x in them, 11.8 with three buffers and x at its use)
+GATE_UP_OPTIONS = TokenOptions(num_warps=8, prefetch=4, k_warps=2, x_ahead=True)
 DOWN_OPTIONS = TokenOptions(num_warps=4, split_k=2, prefetch=1, k_warps=4)
 DOWN_EARLY = True  # under PDL, down finds its expert and loads its first weights before the wait
 
@@ -169,12 +178,9 @@ def _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it, last, top, KS: tl.constexp
 
 
 @triton.jit
-def _chunk(acc, x32, w, s, c, top, c_hi, K, t, NW: tl.constexpr, RG: tl.constexpr, MASK: tl.constexpr,
-           TAIL: tl.constexpr, INTERPRET: tl.constexpr, XC: tl.constexpr):
-    """acc + the products of a warp's chunk c [R, 1] (w, s: the words of chunk min(c, top)). x is loaded
-    here, next to its use: loading it with the weights a chunk ahead measured slower (H100: down 11.8
-    against 9.9 us, gate_up 20.9 against 20.5). XC: x in the chunk order (`chunk_order`), a lane's
-    eight words side by side (two 16-byte loads); else eight 4-byte loads 16 bytes apart."""
+def _load_x(x32, c, top, c_hi, K, t, MASK: tl.constexpr, TAIL: tl.constexpr, XC: tl.constexpr):
+    """A warp's B words of chunk c [R, 1]: (xa, xb) [R, 4]. XC: x in the chunk order (`chunk_order`),
+    a lane's eight words side by side (two 16-byte loads); else eight 4-byte loads 16 bytes apart."""
     cr = tl.minimum(c, top)
     q = tl.arange(0, 4)[None, :]
     if XC:  # the chunk order: words 8t + (xa0, xb0, xa1, xb1) and 8t + (xa2, xb2, xa3, xb3), two 16-byte loads
@@ -194,13 +200,55 @@ def _chunk(acc, x32, w, s, c, top, c_hi, K, t, NW: tl.constexpr, RG: tl.constexp
     else:
         xa = tl.load(x32 + pos)
         xb = tl.load(x32 + pos + 4)
+    return xa, xb
+
+
+@triton.jit
+def _chunk(acc, x32, w, s, c, top, c_hi, K, t, NW: tl.constexpr, RG: tl.constexpr, MASK: tl.constexpr,
+           TAIL: tl.constexpr, INTERPRET: tl.constexpr, XC: tl.constexpr):
+    """acc + the products of a warp's chunk c [R, 1] (w, s: the words of chunk min(c, top)), x loaded
+    here, next to its use."""
+    xa, xb = _load_x(x32, c, top, c_hi, K, t, MASK, TAIL, XC)
     return _mma_chunk(acc, w, s, xa, xb, NW, RG, INTERPRET, XC)
+
+
+@triton.jit
+def _turn(acc, x32, w, s, xa, xb, c, top, c_hi, K, t, NW: tl.constexpr, RG: tl.constexpr, MASK: tl.constexpr,
+          TAIL: tl.constexpr, INTERPRET: tl.constexpr, XC: tl.constexpr, XA: tl.constexpr):
+    """One chunk's products: x given (XA: loaded ahead) or loaded here."""
+    if XA:
+        return _mma_chunk(acc, w, s, xa, xb, NW, RG, INTERPRET, XC)
+    else:
+        return _chunk(acc, x32, w, s, c, top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET, XC)
+
+
+@triton.jit
+def _ahead(x32, c, top, c_hi, K, t, R: tl.constexpr, MASK: tl.constexpr, TAIL: tl.constexpr, XC: tl.constexpr,
+           XA: tl.constexpr):
+    """XA: chunk c's x words, loaded ahead; else placeholders."""
+    if XA:
+        return _load_x(x32, c, top, c_hi, K, t, MASK, TAIL, XC)
+    else:
+        return tl.zeros((R, 4), tl.int32), tl.zeros((R, 4), tl.int32)
+
+
+@triton.jit
+def _step(acc, x32, w32, s32, w_row, s_row, g_ok, c0, w, s, xa, xb, it, last, top, c_hi, K, t, PF: tl.constexpr,
+          R: tl.constexpr, NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, MASK: tl.constexpr,
+          TAIL: tl.constexpr, INTERPRET: tl.constexpr, XC: tl.constexpr, XA: tl.constexpr):
+    """Turn `it` of a buffer: its chunk's products, then the buffer refilled with the chunk PF turns on."""
+    c = c0 + KS * it
+    acc = _turn(acc, x32, w, s, xa, xb, c, top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET, XC, XA)
+    w, s = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it + PF, last, top, KS, MASK)
+    xa, xb = _ahead(x32, c + KS * PF, top, c_hi, K, t, R, MASK, TAIL, XC, XA)
+    return acc, w, s, xa, xb
 
 
 @triton.jit
 def _row_sums(x32, w_ptr, ws_ptr, K, G0, n_groups, c_lo, c_hi, stride_wn, stride_sn,
               NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, PF: tl.constexpr, MASK: tl.constexpr,
-              TAIL: tl.constexpr, INTERPRET: tl.constexpr, XC: tl.constexpr, WAIT: tl.constexpr = False):
+              TAIL: tl.constexpr, INTERPRET: tl.constexpr, XC: tl.constexpr, WAIT: tl.constexpr = False,
+              XA: tl.constexpr = False):
     """The sums of rows 16G .. 16G + 15 of the program's NW / KS * RG row groups G = G0 + RG * (warp // KS)
     + i over K chunks c_lo .. c_hi: [NW / KS, RG, 16] fp32 (row 16G + n at [.., n]). The KS warps of a
     row group take every KS-th chunk and meet in a cross-warp sum at the end (more warps an SM keep
@@ -226,19 +274,43 @@ def _row_sums(x32, w_ptr, ws_ptr, K, G0, n_groups, c_lo, c_hi, stride_wn, stride
     n_it = tl.cdiv(c_hi - c_lo, KS)
     last = tl.maximum(n_it - 1, 0)
     top = c_hi - 1
-    if PF == 2:
-        # two buffers, each refilled in place once its chunk is done: a rotation (1 <- 2 <- new) would
-        # make the copy at the top of a turn wait for the load issued one turn before
+    if PF >= 2:
+        # PF buffers, each refilled in place with the chunk PF turns on once its chunk is done: a rotation
+        # (1 <- 2 <- new) would make the copy at the top of a turn wait for the load issued a turn before.
+        # XA: x rides along, PF turns ahead of its use
         w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, 0, last, top, KS, MASK)
         w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, 1, last, top, KS, MASK)
+        w3, s3 = w2, s2
+        w4, s4 = w2, s2
+        if PF >= 3:
+            w3, s3 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, 2, last, top, KS, MASK)
+        if PF == 4:
+            w4, s4 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, 3, last, top, KS, MASK)
         pdl_enter(WAIT)
-        for it in range(0, n_it, 2):
-            acc = _chunk(acc, x32, w1, s1, c0 + KS * it, top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET, XC)
-            w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it + 2, last, top, KS, MASK)
+        xa1, xb1 = _ahead(x32, c0, top, c_hi, K, t, R, MASK, TAIL, XC, XA)
+        xa2, xb2 = _ahead(x32, c0 + KS, top, c_hi, K, t, R, MASK, TAIL, XC, XA)
+        xa3, xb3 = xa2, xb2
+        xa4, xb4 = xa2, xb2
+        if PF >= 3:
+            xa3, xb3 = _ahead(x32, c0 + 2 * KS, top, c_hi, K, t, R, MASK, TAIL, XC, XA)
+        if PF == 4:
+            xa4, xb4 = _ahead(x32, c0 + 3 * KS, top, c_hi, K, t, R, MASK, TAIL, XC, XA)
+        for it in range(0, n_it, PF):
+            acc, w1, s1, xa1, xb1 = _step(acc, x32, w32, s32, w_row, s_row, g_ok, c0, w1, s1, xa1, xb1, it, last,
+                                          top, c_hi, K, t, PF, R, NW, RG, KS, MASK, TAIL, INTERPRET, XC, XA)
             if it + 1 < n_it:
-                acc = _chunk(acc, x32, w2, s2, c0 + KS * (it + 1), top, c_hi, K, t, NW, RG, MASK, TAIL, INTERPRET,
-                             XC)
-                w2, s2 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, it + 3, last, top, KS, MASK)
+                acc, w2, s2, xa2, xb2 = _step(acc, x32, w32, s32, w_row, s_row, g_ok, c0, w2, s2, xa2, xb2, it + 1,
+                                              last, top, c_hi, K, t, PF, R, NW, RG, KS, MASK, TAIL, INTERPRET, XC, XA)
+            if PF >= 3:
+                if it + 2 < n_it:
+                    acc, w3, s3, xa3, xb3 = _step(acc, x32, w32, s32, w_row, s_row, g_ok, c0, w3, s3, xa3, xb3,
+                                                  it + 2, last, top, c_hi, K, t, PF, R, NW, RG, KS, MASK, TAIL,
+                                                  INTERPRET, XC, XA)
+            if PF == 4:
+                if it + 3 < n_it:
+                    acc, w4, s4, xa4, xb4 = _step(acc, x32, w32, s32, w_row, s_row, g_ok, c0, w4, s4, xa4, xb4,
+                                                  it + 3, last, top, c_hi, K, t, PF, R, NW, RG, KS, MASK, TAIL,
+                                                  INTERPRET, XC, XA)
     elif PF == 1:  # the next chunk through a register rotation (its copy waits on the load a turn before)
         w1, s1 = _load_chunk(w32, s32, w_row, s_row, g_ok, c0, 0, last, top, KS, MASK)
         pdl_enter(WAIT)
@@ -296,7 +368,8 @@ def _gate_up_kernel(x_ptr, a_ptr, zero_ptr, n_zero, w_ptr, ws_ptr, b_ptr, logits
                     E, expert_start, E_LOCAL, K, N, stride_a, n_chunks, stride_we, stride_wn, stride_se, stride_sn,
                     alpha, limit, TOP_K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
                     NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, PF: tl.constexpr, MASK: tl.constexpr,
-                    TAIL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr, XC: tl.constexpr = False):
+                    TAIL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr, XC: tl.constexpr = False,
+                    XA: tl.constexpr = False):
     pdl_enter(PDL)
     j = tl.program_id(0)
     pid = tl.program_id(1)
@@ -313,7 +386,7 @@ def _gate_up_kernel(x_ptr, a_ptr, zero_ptr, n_zero, w_ptr, ws_ptr, b_ptr, logits
     G0 = pid * (NW // KS) * RG
     n_groups = N // 16
     h = _row_sums(x_ptr.to(tl.pointer_type(tl.int32)), w_ptr + e64 * stride_we, ws_ptr + e64 * stride_se, K, G0,
-                  n_groups, 0, n_chunks, stride_wn, stride_sn, NW, RG, KS, PF, MASK, TAIL, INTERPRET, XC)
+                  n_groups, 0, n_chunks, stride_wn, stride_sn, NW, RG, KS, PF, MASK, TAIL, INTERPRET, XC, False, XA)
     G = G0 + RG * tl.arange(0, NW // KS)[:, None, None] + tl.arange(0, RG)[None, :, None]
     n = 16 * G + tl.arange(0, 16)[None, None, :]
     ok = n < N
@@ -332,7 +405,7 @@ def _down_kernel(a_ptr, out_ptr, w_ptr, ws_ptr, b_ptr, ids_ptr, topk_w_ptr, logi
                  HAS_BIAS: tl.constexpr, NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, PF: tl.constexpr,
                  MASK: tl.constexpr, TAIL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
                  EARLY: tl.constexpr = False, TOP_K: tl.constexpr = 1, E_PAD: tl.constexpr = 1,
-                 K_PAD: tl.constexpr = 1):
+                 K_PAD: tl.constexpr = 1, XA: tl.constexpr = False):
     # EARLY (under PDL): the expert comes from the router's logits, which the kernel before gate_up
     # wrote, so the first weight loads go out before the wait, while gate_up still runs
     j = tl.program_id(0)
@@ -354,7 +427,7 @@ def _down_kernel(a_ptr, out_ptr, w_ptr, ws_ptr, b_ptr, ids_ptr, topk_w_ptr, logi
     c_hi = tl.minimum(c_lo + chunks_per_split, n_chunks)
     y = _row_sums((a_ptr + j * stride_a).to(tl.pointer_type(tl.int32)), w_ptr + e64 * stride_we,
                   ws_ptr + e64 * stride_se, K, G0, N // 16, c_lo, c_hi, stride_wn, stride_sn, NW, RG, KS, PF, MASK,
-                  TAIL, INTERPRET, True, EARLY)
+                  TAIL, INTERPRET, True, EARLY, XA)
     G = G0 + RG * tl.arange(0, NW // KS)[:, None, None] + tl.arange(0, RG)[None, :, None]
     n = 16 * G + tl.arange(0, 16)[None, None, :]
     ok = n < N
@@ -387,11 +460,11 @@ def _groups(opts: TokenOptions) -> int:
 
 def _consts(n: int, k: int, chunks: tuple[int, ...], opts: TokenOptions) -> dict:
     """The kernels' constexprs; chunks: the K chunk counts programs take."""
-    if opts.num_warps % opts.k_warps or opts.prefetch not in (0, 1, 2):
-        raise ValueError(f"{opts}: k_warps must divide num_warps and prefetch be 0, 1 or 2")
+    if opts.num_warps % opts.k_warps or opts.prefetch not in (0, 1, 2, 3, 4):
+        raise ValueError(f"{opts}: k_warps must divide num_warps and prefetch be 0 to 4")
     return dict(NW=opts.num_warps, RG=opts.row_groups, KS=opts.k_warps, PF=opts.prefetch,
                 MASK=(n // 16) % _groups(opts) != 0 or k % 64 != 0, TAIL=any(c % opts.k_warps for c in chunks),
-                INTERPRET=INTERPRETED)
+                INTERPRET=INTERPRETED, XA=opts.x_ahead and opts.prefetch >= 2)
 
 
 def token_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Tensor, alpha: float,
