@@ -37,10 +37,9 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self):
-        self.tokens: list[int] = []
-        self.text = ""
+        self.tokens: list[int] = []  # the text is the caller's to keep: the pieces add() returns, in order
         self._prefix = 0   # window start
-        self._read = 0     # tokens whose text is already in self.text
+        self._read = 0     # tokens whose text add() has already returned
 
     def add(self, token_ids: list[int]) -> str:
         clean = self._read == len(self.tokens)  # no bytes held back from an earlier step
@@ -50,7 +49,6 @@ class IncrementalDetokenizer:
             # pending their text is the text of the whole list's tail (one decode instead of two)
             piece = decode(token_ids)
             if "\ufffd" not in piece:
-                self.text += piece
                 self._prefix, self._read = self._read, len(self.tokens)
                 return piece
         prefix_text = decode(self.tokens[self._prefix:self._read])
@@ -58,6 +56,5 @@ class IncrementalDetokenizer:
         if full.endswith("\ufffd") or len(full) <= len(prefix_text):
             return ""  # an incomplete character: wait for more bytes
         new = full[len(prefix_text):]
-        self.text += new
         self._prefix, self._read = self._read, len(self.tokens)
         return new

@@ -7,6 +7,7 @@ import pytest
 
 from gptoss import LLM, SamplingParams
 from gptoss.engine.async_engine import AsyncLLM
+from gptoss.outputs import TokenPrefix
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,30 @@ def test_stream_matches_offline(async_llm):
 
     outs = asyncio.run(run())
     assert [len(o.outputs[0].token_ids) for o in outs] == list(range(1, 7))
+    # each streamed output shares the request's token list (no copy a token) and still reads as the
+    # snapshot it was: the final list's first k ids
+    final = list(outs[-1].outputs[0].token_ids)
+    assert all(isinstance(o.outputs[0].token_ids, TokenPrefix) for o in outs)
+    assert all(o.outputs[0].token_ids == final[:k + 1] for k, o in enumerate(outs))
     assert outs[-1].finished and not any(o.finished for o in outs[:-1])
     assert outs[-1].outputs[0].token_ids == ref_llm.generate({"prompt_token_ids": prompt}, sp,
                                                           use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_token_prefix_reads_as_the_snapshot_list():
+    ids = [11, 12, 13, 14]
+    p = TokenPrefix(ids, 3)
+    ids += [15, 16]  # the engine appends after the output was made
+    snap = [11, 12, 13]
+    assert len(p) == 3 and list(p) == snap and p == snap and p == tuple(snap) and p != ids
+    assert [p[i] for i in range(-3, 3)] == [snap[i] for i in range(-3, 3)]
+    for sl in (slice(None), slice(1, None), slice(None, -1), slice(0, 10), slice(None, None, 2), slice(5, 9),
+               slice(None, None, -1)):
+        assert p[sl] == snap[sl], sl
+    for bad in (3, -4, 100):
+        with pytest.raises(IndexError, match=f"token index {bad} out of range for 3 tokens"):
+            p[bad]
+    assert repr(p) == repr(snap) and TokenPrefix(ids) == ids
 
 
 def test_cancel_half_of_100_streams(async_llm):

@@ -73,6 +73,30 @@ def test_stop_string_not_in_text(tiny_llm):
     assert o.text == text[:text.index(stop)]
 
 
+def test_stop_strings_across_pieces(tiny_llm):
+    # the engine keeps the text in per-token pieces and looks for stop strings in the tail a new piece
+    # could complete one in: stops that start the text, straddle pieces or end it
+    text = greedy(tiny_llm, P[:1], max_tokens=12)[0].outputs[0].text
+    assert len(text) > 12
+    for start, n in [(0, 1), (0, 3), (1, 4), (3, 2), (5, 6), (len(text) - 3, 3), (len(text) - 1, 1)]:
+        stop = text[start:start + n]
+        o = greedy(tiny_llm, P[:1], max_tokens=12, stop=["never-appears", stop])[0].outputs[0]
+        assert (o.finish_reason, o.stop_reason, o.text) == ("stop", stop, text[:text.index(stop)]), (start, n)
+
+
+def test_request_text_pieces():
+    from gptoss.engine.request import Request
+    r = Request("r", [1], SamplingParams())
+    assert r.text == "" and r.text_tail(3) == ""
+    r.text_parts += ["ab", "cde", "f"]
+    assert [r.text_tail(k) for k in (0, 1, 2, 4, 5, 99)] == ["", "f", "ef", "cdef", "bcdef", "abcdef"]
+    assert r.text == "abcdef" and r.text_parts == ["abcdef"]  # joined once, on read
+    r.text = "xy"
+    assert r.text == "xy" and r.text_tail(1) == "y"
+    r.text = ""
+    assert r.text_parts == [] and r.text == ""
+
+
 def test_eos_stops_unless_ignored(tiny_llm):
     eos = tiny_llm.engine.eos_token_ids
     assert 200002 in eos and 200012 in eos  # <|return|> and <|call|> from generation_config.json

@@ -140,7 +140,7 @@ class AsyncLLM:
                     if entry is None:
                         continue
                     loop, queue, reqs = entry
-                    out = self.engine.request_output(reqs, None)
+                    out = self.engine.request_output(reqs, None, shared=True)  # one a token: no copies
                     if out.finished:
                         del self._streams[rid]
                     try:

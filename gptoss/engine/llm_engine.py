@@ -14,7 +14,7 @@ import torch
 from ..config import EngineConfig, ModelConfig
 from ..distributed import ParallelState, check_parallel_sizes
 from ..model.weights import CheckpointError, resolve_model_path
-from ..outputs import CompletionOutput, Logprob, RequestOutput
+from ..outputs import CompletionOutput, Logprob, RequestOutput, TokenPrefix
 from ..sampling_params import SamplingParams
 from ..tokenizer import decode
 from .kv_cache import (KVCacheManager, KVLayout, allocate_kv_caches, kv_bytes_per_token, kv_storage_dtype,
@@ -302,7 +302,8 @@ class LLMEngine:
         new_text = ""
         if token < FIRST_SPECIAL_TOKEN or not p.skip_special_tokens:
             new_text = req.detok.add([token])
-            req.text += new_text
+            if new_text:
+                req.text_parts.append(new_text)
         n_out = len(req.output_token_ids)
         may_stop = n_out >= p.min_tokens
         if may_stop and token in req.eos_token_ids and not p.ignore_eos:
@@ -312,12 +313,13 @@ class LLMEngine:
         if may_stop and p.stop and new_text:
             # a stop string may straddle the previous text: search the tail it could start in
             longest = max(len(s) for s in p.stop)
-            tail_start = max(0, len(req.text) - len(new_text) - longest + 1)
-            hits = [(req.text.find(s, tail_start), s) for s in p.stop]
+            tail = req.text_tail(len(new_text) + longest - 1)
+            hits = [(tail.find(s), s) for s in p.stop]
             hits = [(i, s) for i, s in hits if i >= 0]
             if hits:
                 idx, s = min(hits)
-                req.text = req.text[:idx]  # the stop string is not part of the output
+                text = req.text
+                req.text = text[:len(text) - len(tail) + idx]  # the stop string is not part of the output
                 return self.scheduler.finish(req, "stop", s)
         if req.grammar is not None and req.grammar.is_terminated():
             return self.scheduler.finish(req, "stop", None)  # the constrained output is complete
@@ -326,16 +328,18 @@ class LLMEngine:
 
     # --- outputs ---------------------------------------------------------------------------------
     @staticmethod
-    def completion(req: Request) -> CompletionOutput:
-        return CompletionOutput(req.index, req.text, list(req.output_token_ids), req.finish_reason,
+    def completion(req: Request, shared: bool = False) -> CompletionOutput:
+        """shared: the token ids as a TokenPrefix of the request's own list (no copy) instead of a list."""
+        ids = req.output_token_ids
+        return CompletionOutput(req.index, req.text, TokenPrefix(ids) if shared else list(ids), req.finish_reason,
                                 req.stop_reason, req.logprobs)
 
-    def request_output(self, reqs: list[Request], prompt: str | None) -> RequestOutput:
+    def request_output(self, reqs: list[Request], prompt: str | None, shared: bool = False) -> RequestOutput:
         first = reqs[0]
         if first.output_prompt is None:  # one copy a request, not one a streamed token (a 32k prompt: ~0.1 ms)
             first.output_prompt = list(first.prompt_token_ids)
         return RequestOutput(first.parent_id, prompt, first.output_prompt,
-                             [self.completion(r) for r in reqs], all(r.finished for r in reqs),
+                             [self.completion(r, shared) for r in reqs], all(r.finished for r in reqs),
                              first.num_cached_tokens)
 
 
