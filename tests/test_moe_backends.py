@@ -440,7 +440,7 @@ def test_token_kernels_match_twins(interp, start, n_local, E, H, I):
     O = T_.TokenOptions
     opts = [(O(), O(split_k=2)), (O(4, 1, 1, 2, 2), O(4, 1, 3, 1, 4)), (O(2, 2, 1, 0, 1), O(8, 2, 2, 2, 2)),
             (O(8, 1, 1, 1, 8), O(1, 1, 5, 1, 1)), (O(2, 1, 1, 2, 1), O(2, 1, 1, 2, 1)),
-            (O(4, 1, 1, 2, 2, True), O(4, 1, 3, 1, 4, True)), (O(2, 2, 1, 2, 1, True), O(8, 2, 2, 2, 2, True)),
+            (O(4, 1, 1, 2, 2, True), O(4, 1, 3, 2, 4, True)), (O(2, 2, 1, 2, 1, True), O(8, 2, 2, 2, 2, True)),
             (O(4, 1, 1, 3, 2, True), O(4, 1, 2, 4, 4, True)), (O(2, 2, 1, 4, 1), O(4, 1, 3, 3, 2)),
             (T_.GATE_UP_OPTIONS, T_.DOWN_OPTIONS)]
     check_token_kernels(interp.gemm, interp.routing, T_, torch.Generator().manual_seed(41 + I), "cpu", E, start,
@@ -449,9 +449,12 @@ def test_token_kernels_match_twins(interp, start, n_local, E, H, I):
     big = interp.gemm.prepare_mxfp4_weight(w.down_blocks, w.down_scales * 0 + 200, 0, False, "bf16x2", True)
     assert not T_.supported(big)  # a scale past 128 needs two multiplies: moe_gemm's kernels take it
     r = interp.routing.inline_routing(torch.randn(1, 8).bfloat16(), 4, 0, 8)
+    w1 = interp.gemm.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2", True)
+    with pytest.raises(ValueError, match="x_ahead rides in the prefetch buffers: it needs prefetch 2 to 4"):
+        T_.token_gate_up(torch.zeros(1, 64).bfloat16(), r, w1, w.gate_up_bias.float(), 1.702, 7.0,
+                         O(4, 1, 1, 1, 2, True))
     with pytest.raises(ValueError, match="every block scale <= 128"):
         T_.token_down(torch.zeros(4, 64).bfloat16(), r, big, None, torch.zeros(1, 64))
-    w1 = interp.gemm.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2", True)
     odd = torch.randn(65).bfloat16()[1:].view(1, 64)  # bf16 pairs read as words need 4-byte alignment
     with pytest.raises(ValueError, match="4-byte aligned"):
         T_.token_gate_up(odd, r, w1, w.gate_up_bias.float(), 1.702, 7.0)

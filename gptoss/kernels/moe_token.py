@@ -462,9 +462,11 @@ def _consts(n: int, k: int, chunks: tuple[int, ...], opts: TokenOptions) -> dict
     """The kernels' constexprs; chunks: the K chunk counts programs take."""
     if opts.num_warps % opts.k_warps or opts.prefetch not in (0, 1, 2, 3, 4):
         raise ValueError(f"{opts}: k_warps must divide num_warps and prefetch be 0 to 4")
+    if opts.x_ahead and opts.prefetch < 2:
+        raise ValueError(f"{opts}: x_ahead rides in the prefetch buffers: it needs prefetch 2 to 4")
     return dict(NW=opts.num_warps, RG=opts.row_groups, KS=opts.k_warps, PF=opts.prefetch,
                 MASK=(n // 16) % _groups(opts) != 0 or k % 64 != 0, TAIL=any(c % opts.k_warps for c in chunks),
-                INTERPRET=INTERPRETED, XA=opts.x_ahead and opts.prefetch >= 2)
+                INTERPRET=INTERPRETED, XA=opts.x_ahead)
 
 
 def token_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Tensor, alpha: float,
