@@ -4,6 +4,7 @@ while the one before runs counts only for what it adds) and the idle gaps before
 kernel per step. An eager profile (scripts/profile_batch.py) times kernels alone, without PDL.
 
     python scripts/timeline_decode.py [--ckpt /tmp/gptoss-20b] [--batch 1] [--context 1024] [--steps 8]
+    python scripts/timeline_decode.py --list 60   # also the second step's first 60 kernels: start, end (us)
 
 A kernel's name carries the one before it ("_gemv_kernel < _down_kernel" is a layer's qkv), which tells
 apart the launches of one kernel at different places in a layer.
@@ -33,6 +34,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--list", type=int, default=0, help="print the second step's first LIST kernels, their start "
+                    "and end from the step's first kernel (under PDL a kernel starts when it launches, before its wait)")
     a = ap.parse_args()
     llm = LLM(a.ckpt, moe_backend=a.moe_backend, max_model_len=a.max_model_len, max_num_seqs=a.batch,
               progress=False, enable_prefix_caching=False)
@@ -47,6 +50,12 @@ def main():
         sync()
     ev = sorted(((e.time_range.start, e.time_range.end, short(e.name)) for e in prof.events()
                  if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda t: t[0])
+    if a.list:
+        firsts = [i for i, e in enumerate(ev) if "decode_inputs" in e[2]]
+        step = ev[firsts[min(1, len(firsts) - 1)]:] if firsts else ev
+        print("| start us | end us | us | kernel |\n|---|---|---|---|")
+        for s, e, name in step[:a.list]:
+            print(f"| {s - step[0][0]:.2f} | {e - step[0][0]:.2f} | {e - s:.2f} | {name} |")
     marg, gaps, count = collections.Counter(), collections.Counter(), collections.Counter()
     latest, prev = ev[0][0], "start"
     for s, e, name in ev:

@@ -65,6 +65,20 @@ def test_rejects_more_rows_and_mismatched_k():
         linear_rows(torch.randn(1, 8), torch.randn(4, 6))
 
 
+def test_rejects_preload_that_cannot_cover_k():
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    for opts in (GemvOptions(2, 2, preload=2), GemvOptions(2, 8, preload=5), GemvOptions(2, 8, preload=0),
+                 GemvOptions(2, 8, preload=2, programs_per_sm=1)):
+        with pytest.raises(ValueError, match="preload takes 1 to 4 K steps"):
+            linear_rows(x, w, None, opts)
+
+
+def test_model_drops_o_preload_only_where_it_cannot_cover_k():
+    from gptoss.model.gpt_oss import O_GEMV, _covering
+    assert _covering(O_GEMV, 4096) is O_GEMV and O_GEMV.preload > 1
+    assert _covering(O_GEMV, O_GEMV.preload * O_GEMV.block_k + 1).preload == 1
+
+
 def test_kernel_in_interpreter():
     code = ("import torch, tests.test_gemv as t\n"
             "from gptoss.kernels.gemv import GemvOptions as O\n"
@@ -78,6 +92,12 @@ def test_kernel_in_interpreter():
             "                                   (40, 300, torch.float32, O(4, 128, programs_per_sm=1)))):\n"
             "    t.check_norm_against_twin('cpu', torch.float32, N, K, rd, o, 10 + i)\n"
             "t.check_norm_against_twin('cpu', torch.float32, 24, 300, torch.float32, O(8, 128), 15, True)\n"
+            "# preload: all of K before the wait, in 2-4 steps (the last partly past K); two rows ignore it\n"
+            "for i, (M, N, K, o) in enumerate(((1, 7, 4096, O(2, 1024, preload=4)),\n"
+            "                                   (1, 33, 1000, O(2, 256, preload=4)), (1, 9, 700, O(4, 256, preload=3)),\n"
+            "                                   (1, 9, 512, O(4, 256, preload=2)), (2, 33, 1000, O(2, 256, preload=4)))):\n"
+            "    t.check_against_twin('cpu', torch.float32, M, N, K, True, o, 30 + i)\n"
+            "t.check_norm_against_twin('cpu', torch.float32, 24, 300, torch.float32, O(8, 128, preload=3), 40, True)\n"
             "import gptoss.kernels.gemv as g\n"
             "g.ONE_ROW_PATH = False  # one row through the two-row (3-D) form, the A/B switch\n"
             "t.check_against_twin('cpu', torch.float32, 1, 40, 300, True, O(), 20)\n"
@@ -103,6 +123,8 @@ def test_gpu_norm_gemv_matches_twin(res_dtype):
 @pytest.mark.parametrize("M,N,K,bias", [(1, 2880, 4096, True), (1, 5120, 2880, True), (2, 2880, 4096, False),
                                         (1, 1440, 2048, False), (1, 32, 2880, True)])
 def test_gpu_matches_twin(M, N, K, bias):
+    from gptoss.model.gpt_oss import O_GEMV
     for opts in (GemvOptions(), GemvOptions(8, 512), GemvOptions(16, 256, 4, 3), GemvOptions(1, 1024),
-                 GemvOptions(4, 1024, programs_per_sm=4), GemvOptions(2, 512, programs_per_sm=8)):
+                 GemvOptions(4, 1024, programs_per_sm=4), GemvOptions(2, 512, programs_per_sm=8), O_GEMV,
+                 GemvOptions(1, 1024, preload=4)):
         check_against_twin("cuda", torch.bfloat16, M, N, K, bias, opts, M + N)

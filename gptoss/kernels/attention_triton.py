@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .pdl import pdl_enter
+from .pdl import pdl_enter, pdl_trigger
 
 LOG2E = 1.4426950408889634
 DOT_Q, DOT_F16, DOT_F32 = 0, 1, 2
@@ -335,7 +335,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
                    BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr,
                    FP8: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                   DOT: tl.constexpr, ROPE_KV: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr = False):
+                   DOT: tl.constexpr, ROPE_KV: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr = False,
+                   TRIGGER: tl.constexpr = False):
     # one query token per sequence; program (KV head, sequence, split) takes the GROUP query heads of
     # its KV head as the rows of one tile (padded to BLOCK_H >= 16 for tl.dot) and a slice of keys.
     # A sequence's KV heads run side by side: they share the 32-byte sectors of the fp8 scales.
@@ -346,6 +347,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
     # before the PDL wait, while the qkv GEMM still runs; the token's own key and value, not yet in
     # the cache then, are patched into their tile from registers.
     tl.static_assert(ROPE_KV or not EARLY, "EARLY waits for PDL in the ROPE_KV path")
+    if TRIGGER:
+        pdl_trigger(PDL)
     if not EARLY:
         pdl_enter(PDL)
     kvh = tl.program_id(0)
@@ -430,7 +433,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, qsl_ptr, seq_l
 @triton.jit
 def _decode_combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, qsl_ptr, sinks_ptr, out_ptr,
                            num_splits, stride_ot, stride_oh,
-                           D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+                           D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr = False):
+    if TRIGGER:
+        pdl_trigger(PDL)
     pdl_enter(PDL)
     # merges the splits of one (sequence, query head) and adds the sink to the denominator
     b = tl.program_id(0)

@@ -13,6 +13,11 @@ One row (ONE_ROW) keeps everything 2-D: each thread multiplies its 8 contiguous 
 the matching 8 inputs and adds them into its own partial sum, so a K step needs no shuffles, shared
 memory or barriers (the 3-D form for two rows reduces across the CTA every step: 267 SASS
 instructions a K step against 191, and 9.3-11.5 us against 9.7-12.4 at the best tiles).
+Under PDL the weights, which do not depend on the kernel before, are loaded before the wait: the
+first K step, or with `preload` all of K (one row, one strip a program), so that a kernel that
+launches while the one before still runs has its bytes streaming by the time that one ends. o [2880,
+4096] after an 8-program stand-in busy for 4 / 8 us (`python scripts/pdl_probe.py`, H100, us a pair):
+11.8 / 14.9 with all four steps loaded early against 13.0 / 17.1 with the first.
 `GemvOptions` picks the strip and K-step sizes; `linear_rows_torch` is the twin (fp32 sums of the same
 bf16 values, rounded once to x.dtype).
 """
@@ -42,6 +47,9 @@ class GemvOptions:
     num_stages: int = 2
     programs_per_sm: int = 0  # > 0: a persistent grid of this many programs an SM, each streaming
                               # strips back to back (no half-empty last wave); 0: one program a strip
+    preload: int = 1          # one row, one program a strip: K steps (1-4, covering all of K when > 1)
+                              # whose weights are loaded before the PDL wait, so that they stream while
+                              # the kernel before still runs (1: the first step, then one step ahead)
 
 
 @triton.jit
@@ -55,15 +63,47 @@ def _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd):
 
 
 @triton.jit
+def _w_tile(w_ptr, n, k, N, K, stride_wn):
+    """The weights of columns n over K positions k ([BLOCK_N, BLOCK_K], zeros past N and K)."""
+    return tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_wn + k[None, :],
+                   mask=(n < N)[:, None] & (k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd, NORM: tl.constexpr):
+    """One row's inputs at K positions k in fp32: x, or NORM the normed t."""
+    if NORM:
+        return _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd)
+    else:
+        return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dot_row(acc1, w, x1, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
+    """One row's K step: each thread's VEC products of a row summed into its own partial [BLOCK_N, BLOCK_K / VEC]."""
+    return acc1 + tl.sum(tl.reshape(w.to(tl.float32) * x1[None, :], (BLOCK_N, BLOCK_K // VEC, VEC)), axis=2)
+
+
+@triton.jit
+def _store_strip(acc, b_ptr, y_ptr, m, m_mask, n, N, stride_ym, HAS_BIAS: tl.constexpr):
+    n_mask = n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, K, eps,
                  stride_xm, stride_wn, stride_ym,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  NORM: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr, ONE_ROW: tl.constexpr = False,
-                 VEC: tl.constexpr = 8, T_CHUNK: tl.constexpr = False):
+                 VEC: tl.constexpr = 8, T_CHUNK: tl.constexpr = False, PRE: tl.constexpr = 1):
     # strips of BLOCK_N output columns, pid, pid + P, ...; each K step's weight load is issued before
     # the previous step's math, and past a strip's last step it loads the next strip's first (the
     # load after the last strip fully masked). The weights do not depend on the kernel before: the
-    # first load comes before the PDL wait.
+    # first load comes before the PDL wait. PRE > 1 (one row, one strip a program): the strip's PRE
+    # K steps, all of K, are loaded before the wait, to stream while the kernel before runs.
     # NORM (one row): the GEMV's input is t = rms_norm(x + r) * nw. Every program computes the row's
     # norm (K values from L2) and builds t's K steps itself; program 0 also stores h = x + r and t,
     # for the residual stream and the next GEMM (T_CHUNK: t in moe_token's chunk order, for its gate_up).
@@ -75,8 +115,14 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
     kk = tl.arange(0, BLOCK_K)
     s = tl.program_id(0)
     n = s * BLOCK_N + cols
-    w = tl.load(w_ptr + n.to(tl.int64)[:, None] * stride_wn + kk[None, :],
-                mask=(n < N)[:, None] & (kk < K)[None, :], other=0.0)
+    w = _w_tile(w_ptr, n, kk, N, K, stride_wn)
+    w1, w2, w3 = w, w, w
+    if PRE >= 2:
+        w1 = _w_tile(w_ptr, n, BLOCK_K + kk, N, K, stride_wn)
+    if PRE >= 3:
+        w2 = _w_tile(w_ptr, n, 2 * BLOCK_K + kk, N, K, stride_wn)
+    if PRE >= 4:
+        w3 = _w_tile(w_ptr, n, 3 * BLOCK_K + kk, N, K, stride_wn)
     pdl_enter(PDL)
     rstd = 0.0
     if NORM:
@@ -90,48 +136,60 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
             t_at = _chunk_pos(ks) if T_CHUNK else ks
             tl.store(t_ptr + t_at, _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, ks, K, rstd).to(t_ptr.dtype.element_ty),
                      mask=ks < K)
-    for s in range(tl.program_id(0), n_strips, P):
-        n = s * BLOCK_N + cols
-        n_mask = n < N
-        # two rows: reduced each K step (an elementwise [BLOCK_M, BLOCK_N, BLOCK_K] accumulator reduced
-        # once a strip measured 0-25% slower on H100, for its registers); one row: each thread's VEC
-        # products of a row summed into its own partial [BLOCK_N, BLOCK_K / VEC], reduced once a strip
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if PRE >= 2:
         acc1 = tl.zeros((BLOCK_N, BLOCK_K // VEC), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + kk
-            if ONE_ROW:
-                if NORM:
-                    x1 = _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd)
+        acc1 = _dot_row(acc1, w, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, kk, K, rstd, NORM), BLOCK_N, BLOCK_K, VEC)
+        acc1 = _dot_row(acc1, w1, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, BLOCK_K + kk, K, rstd, NORM),
+                        BLOCK_N, BLOCK_K, VEC)
+        if PRE >= 3:
+            acc1 = _dot_row(acc1, w2, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, 2 * BLOCK_K + kk, K, rstd, NORM),
+                            BLOCK_N, BLOCK_K, VEC)
+        if PRE >= 4:
+            acc1 = _dot_row(acc1, w3, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, 3 * BLOCK_K + kk, K, rstd, NORM),
+                            BLOCK_N, BLOCK_K, VEC)
+        _store_strip(tl.sum(acc1, axis=1)[None, :], b_ptr, y_ptr, m, m_mask, n, N, stride_ym, HAS_BIAS)
+    else:
+        for s in range(tl.program_id(0), n_strips, P):
+            n = s * BLOCK_N + cols
+            # two rows: reduced each K step (an elementwise [BLOCK_M, BLOCK_N, BLOCK_K] accumulator reduced
+            # once a strip measured 0-25% slower on H100, for its registers); one row: each thread's VEC
+            # products of a row summed into its own partial [BLOCK_N, BLOCK_K / VEC], reduced once a strip
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            acc1 = tl.zeros((BLOCK_N, BLOCK_K // VEC), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + kk
+                if ONE_ROW:
+                    x1 = _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd, NORM)
                 else:
-                    x1 = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            elif NORM:
-                x = tl.broadcast_to(_row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd)[None, :], (BLOCK_M, BLOCK_K))
-            else:
-                x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=m_mask[:, None] & (k < K)[None, :],
-                            other=0.0).to(tl.float32)
-            last = k0 + BLOCK_K >= K
-            k_nx = tl.where(last, 0, k0 + BLOCK_K) + kk
-            n_nx = tl.where(last, s + P, s) * BLOCK_N + cols
-            w_next = tl.load(w_ptr + n_nx.to(tl.int64)[:, None] * stride_wn + k_nx[None, :],
-                             mask=(n_nx < N)[:, None] & (k_nx < K)[None, :], other=0.0)
+                    if NORM:
+                        x = tl.broadcast_to(_row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd)[None, :],
+                                            (BLOCK_M, BLOCK_K))
+                    else:
+                        x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :],
+                                    mask=m_mask[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)
+                last = k0 + BLOCK_K >= K
+                k_nx = tl.where(last, 0, k0 + BLOCK_K) + kk
+                n_nx = tl.where(last, s + P, s) * BLOCK_N + cols
+                w_next = _w_tile(w_ptr, n_nx, k_nx, N, K, stride_wn)
+                if ONE_ROW:
+                    acc1 = _dot_row(acc1, w, x1, BLOCK_N, BLOCK_K, VEC)
+                else:
+                    acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)  # [BLOCK_M, BLOCK_N]
+                w = w_next
             if ONE_ROW:
-                acc1 += tl.sum(tl.reshape(w.to(tl.float32) * x1[None, :], (BLOCK_N, BLOCK_K // VEC, VEC)), axis=2)
-            else:
-                acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)  # [BLOCK_M, BLOCK_N]
-            w = w_next
-        if ONE_ROW:
-            acc = tl.sum(acc1, axis=1)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+                acc = tl.sum(acc1, axis=1)[None, :]
+            _store_strip(acc, b_ptr, y_ptr, m, m_mask, n, N, stride_ym, HAS_BIAS)
 
 
 def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False) -> None:
     """The GEMV over x's rows, or (norm = (residual, norm_weight, eps, t, h)) over rms_norm(x + residual)."""
     M, K = x.shape
     N = w.shape[0]
+    one_row = ONE_ROW_PATH and M == 1
+    pre = opts.preload if one_row else 1
+    if not 1 <= opts.preload <= 4 or (pre > 1 and (opts.programs_per_sm or pre * opts.block_k < K)):
+        raise ValueError(f"{opts}: preload takes 1 to 4 K steps, and above 1 one strip a program "
+                         f"(programs_per_sm=0) whose {opts.preload} steps of {opts.block_k} cover K={K}")
     grid = triton.cdiv(N, opts.block_n)
     if opts.programs_per_sm:
         grid = min(grid, opts.programs_per_sm * sm_count(x.device))
@@ -139,8 +197,8 @@ def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False) 
     _gemv_kernel[(grid,)](
         x, w, bias if bias is not None else w, y, r, nw, t, h, M, N, K, float(eps), x.stride(0), w.stride(0),
         y.stride(0), BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
-        HAS_BIAS=bias is not None, NORM=norm is not None, KP=triton.next_power_of_2(K), ONE_ROW=ONE_ROW_PATH and M == 1,
-        VEC=min(8, opts.block_k), T_CHUNK=t_chunk, num_warps=opts.num_warps, num_stages=opts.num_stages,
+        HAS_BIAS=bias is not None, NORM=norm is not None, KP=triton.next_power_of_2(K), ONE_ROW=one_row,
+        VEC=min(8, opts.block_k), T_CHUNK=t_chunk, PRE=pre, num_warps=opts.num_warps, num_stages=opts.num_stages,
         **pdl.args())
 
 

@@ -11,6 +11,9 @@ constexpr opens with `pdl_enter(PDL)`:
 
 Waiting first, in every program, keeps the chain transitive (a kernel that has ended implies that the
 kernel before it had ended) and keeps a kernel from writing a buffer the previous one still reads.
+`pdl_trigger` lets the next grid launch earlier still, before this one's wait, where that grid reads
+nothing but weights until its own wait (batch-1 attention, so that the o projection's weights stream
+while it runs): the chain stays transitive, since every kernel still waits for the one before it.
 Kernels launched without PDL (cuBLAS, torch's) keep the plain stream order.
 
 PDL is off unless a caller turns it on (`enabled(True)`): the decode CUDA graphs do for small
@@ -53,4 +56,14 @@ def args() -> dict:
 def pdl_enter(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_trigger(PDL: tl.constexpr):
+    """Let the next grid launch now, before this one's wait: the next kernel may then be resident two
+    kernels ahead and load what does not depend on either (its weights) while both run. Only for a
+    next kernel that reads nothing of the kernels before it until its own wait (pdl_enter still
+    follows: a repeated launch_dependents does nothing)."""
+    if PDL:
         gdc_launch_dependents()

@@ -7,6 +7,8 @@ forward(input_ids, positions).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,11 +41,19 @@ QKV_GEMV = GemvOptions()
 # columns, where the redone norm costs a quarter of its weights' time (H100, batch-1 step: 1.887 vs
 # 1.904 ms a token with the norm kernel; at two columns, 2.082 vs 2.015 in the third session)
 QKV_NORM_GEMV = GemvOptions(block_n=8)
-O_GEMV = GemvOptions()  # o [2880, 4096]: two columns a program (wider K steps measured slower in the step)
+# o [2880, 4096]: two columns a program, all four K steps loaded before the PDL wait, so that they stream
+# while attention runs (it lets o launch before its own wait: attention.TRIGGER_EARLY). Wider K steps
+# measured slower in the step
+O_GEMV = GemvOptions(preload=4)
 
 
 def _gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.shape[0] == 1 and x.is_cuda and x.dtype == w.dtype
+
+
+def _covering(opts: GemvOptions, k: int) -> GemvOptions:
+    """opts, or without its preload where its steps would not cover K (a config wider than gpt-oss's)."""
+    return opts if opts.preload * opts.block_k >= k else dataclasses.replace(opts, preload=1)
 
 
 def _param(*shape, dtype, device) -> nn.Parameter:
@@ -118,7 +128,8 @@ class AttentionBlock(nn.Module):
             bias = self.out_bias if self.par.tp_rank == 0 else None
             o = o.flatten(1)
             if GEMV_O_PROJ and _gemv_ok(o, self.out_weight):
-                o = linear_rows(o, self.out_weight, bias, O_GEMV)  # batch-1 decode: 9.3 us vs cuBLAS 14.2 (20b, H100)
+                # batch-1 decode: 9.3 us vs cuBLAS 14.2 (20b, H100)
+                o = linear_rows(o, self.out_weight, bias, _covering(O_GEMV, o.shape[1]))
             else:
                 o = F.linear(o, self.out_weight, bias)
         return x, self.par.all_reduce(o)
