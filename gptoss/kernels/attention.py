@@ -25,10 +25,11 @@ from .attention_torch import paged_attention_torch, rope_write_kv_torch, write_k
 
 # the interpreter (TRITON_INTERPRET=1 before this module was imported) runs the kernels on CPU tensors
 INTERPRETED = type(_k._decode_kernel).__name__ == "InterpretedFunction"
-# decode under PDL: the kernels after attention (the split combine, then the o GEMV) may launch before
-# attention's wait, while the qkv GEMV still runs, so that o's weights already stream while attention
-# works (o loads all of them before its own wait: gemv.GemvOptions.preload). H100, batch 1, with o's
-# preload, 8 rounds alternated: 1.754 against 1.774 ms a token with o's preload alone, 1.786 neither
+# decode under PDL, grids of at most one program an SM: the kernels after attention (the split combine,
+# then the o GEMV) may launch before attention's wait, while the qkv GEMV still runs, so that o's
+# weights already stream while attention works (o loads all of them before its own wait:
+# gemv.GemvOptions.preload). H100, batch 1, with o's preload, 8 rounds alternated: 1.754 against 1.774
+# ms a token with o's preload alone, 1.786 neither
 TRIGGER_EARLY = True
 EARLY_DECODE = True  # small decode grids under PDL read the cache's keys before their wait (attention_triton)
 FUSED_DECODE_KV = True  # rope_kv_attention: decode steps rotate and write K/V in the decode kernel
@@ -268,8 +269,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     k, v, pos, cos, sin, slots = _new_kv if _new_kv is not None else (q, q, seq_lens, q, q, seq_lens)
     # reading keys before the PDL wait pays where the grid leaves SMs idle (batch 1: 1.904 vs 1.928 ms a
     # token, H100); on a full grid (64 x 32k) its per-tile work cost 9% (2,033 vs 2,229 tok/s)
+    small = Hkv * B * splits <= sm_count(q.device)  # a grid that leaves SMs idle (batch-1 decode)
     early = (EARLY_DECODE and _new_kv is not None and pdl.args()["PDL"] and not fp8 and k_cache.dtype == k.dtype
-             and Hkv * B * splits <= sm_count(q.device))
+             and small)
+    # the early launch only where it was measured: batch 1, whose o GEMV preloads its weights (a full
+    # grid, 64 x 32k, keeps the plain order)
+    trigger = TRIGGER_EARLY and small
     _k._decode_kernel[(Hkv, B, splits)](
         q, k_cache, v_cache, ks, vs, block_tables, query_start_loc, seq_lens, sinks, out,
         part_m, part_l, part_acc, qk_scale, window, splits,
@@ -278,11 +283,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_SIZE=BS, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=D,
         BLOCK_N=opts.decode_block_n,
         FP8=fp8, USE_WINDOW=window > 0, SPLIT=splits > 1, DOT=dot, ROPE_KV=_new_kv is not None,
-        EARLY=early, TRIGGER=TRIGGER_EARLY,
+        EARLY=early, TRIGGER=trigger,
         num_warps=_decode_warps(Hkv * B * splits, q.device, opts), num_stages=opts.decode_num_stages,
         **pdl.args())
     if splits > 1:
         _k._decode_combine_kernel[(B, Hq)](
             part_m, part_l, part_acc, query_start_loc, sinks, out, splits, out.stride(0), out.stride(1),
-            D=D, BLOCK_S=triton.next_power_of_2(splits), TRIGGER=TRIGGER_EARLY, num_warps=2, **pdl.args())
+            D=D, BLOCK_S=triton.next_power_of_2(splits), TRIGGER=trigger, num_warps=2, **pdl.args())
     return out
