@@ -25,7 +25,7 @@ from .attention_torch import paged_attention_torch, rope_write_kv_torch, write_k
 
 # the interpreter (TRITON_INTERPRET=1 before this module was imported) runs the kernels on CPU tensors
 INTERPRETED = type(_k._decode_kernel).__name__ == "InterpretedFunction"
-# decode under PDL, grids of at most one program an SM: the kernels after attention (the split combine,
+# batch-1 decode under PDL (a grid of at most one program an SM): the kernels after attention (the split combine,
 # then the o GEMV) may launch before attention's wait, while the qkv GEMV still runs, so that o's
 # weights already stream while attention works (o loads all of them before its own wait:
 # gemv.GemvOptions.preload). H100, batch 1, with o's preload, 8 rounds alternated: 1.754 against 1.774
@@ -272,9 +272,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     small = Hkv * B * splits <= sm_count(q.device)  # a grid that leaves SMs idle (batch-1 decode)
     early = (EARLY_DECODE and _new_kv is not None and pdl.args()["PDL"] and not fp8 and k_cache.dtype == k.dtype
              and small)
-    # the early launch only where it was measured: batch 1, whose o GEMV preloads its weights (a full
-    # grid, 64 x 32k, keeps the plain order)
-    trigger = TRIGGER_EARLY and small
+    # the early launch only where it was measured and pays: one sequence, whose o projection is the GEMV
+    # that preloads its weights (larger batches' is cuBLAS's, launched without PDL)
+    trigger = TRIGGER_EARLY and small and B == 1
     _k._decode_kernel[(Hkv, B, splits)](
         q, k_cache, v_cache, ks, vs, block_tables, query_start_loc, seq_lens, sinks, out,
         part_m, part_l, part_acc, qk_scale, window, splits,
