@@ -25,11 +25,11 @@ from .attention_torch import paged_attention_torch, rope_write_kv_torch, write_k
 
 # the interpreter (TRITON_INTERPRET=1 before this module was imported) runs the kernels on CPU tensors
 INTERPRETED = type(_k._decode_kernel).__name__ == "InterpretedFunction"
-# batch-1 decode under PDL (a grid of at most one program an SM): the kernels after attention (the split combine,
-# then the o GEMV) may launch before attention's wait, while the qkv GEMV still runs, so that o's
-# weights already stream while attention works (o loads all of them before its own wait:
-# gemv.GemvOptions.preload). H100, batch 1, with o's preload, 8 rounds alternated: 1.754 against 1.774
-# ms a token with o's preload alone, 1.786 neither
+# batch-1 decode under PDL (a grid of at most one program an SM): the kernels after attention (the
+# split combine, then the o GEMV) may launch before attention's wait, while the qkv GEMV still runs,
+# so that o's weights already stream while attention works (o loads all of them before its own wait:
+# gemv.GemvOptions.preload). H100, batch 1, with o's preload, 8 rounds alternated: 1.754 against
+# 1.774 ms a token with o's preload alone, 1.786 neither
 TRIGGER_EARLY = True
 EARLY_DECODE = True  # small decode grids under PDL read the cache's keys before their wait (attention_triton)
 FUSED_DECODE_KV = True  # rope_kv_attention: decode steps rotate and write K/V in the decode kernel
