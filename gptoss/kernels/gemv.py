@@ -51,6 +51,10 @@ class GemvOptions:
                               # whose weights are loaded before the PDL wait, so that they stream while
                               # the kernel before still runs (1: the first step, then one step ahead)
 
+    def covers(self, k: int) -> bool:
+        """Whether the preload may take K = k: one step (then one ahead), or steps that cover all of K."""
+        return self.preload == 1 or self.preload * self.block_k >= k
+
 
 @triton.jit
 def _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd):
@@ -187,7 +191,7 @@ def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False) 
     N = w.shape[0]
     one_row = ONE_ROW_PATH and M == 1
     pre = opts.preload if one_row else 1
-    if not 1 <= opts.preload <= 4 or (pre > 1 and (opts.programs_per_sm or pre * opts.block_k < K)):
+    if not 1 <= opts.preload <= 4 or (pre > 1 and (opts.programs_per_sm or not opts.covers(K))):
         raise ValueError(f"{opts}: preload takes 1 to 4 K steps, and above 1 one strip a program "
                          f"(programs_per_sm=0) whose {opts.preload} steps of {opts.block_k} cover K={K}")
     grid = triton.cdiv(N, opts.block_n)

@@ -53,7 +53,7 @@ def _gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _covering(opts: GemvOptions, k: int) -> GemvOptions:
     """opts, or without its preload where its steps would not cover K (a config wider than gpt-oss's)."""
-    return opts if opts.preload * opts.block_k >= k else dataclasses.replace(opts, preload=1)
+    return opts if opts.covers(k) else dataclasses.replace(opts, preload=1)
 
 
 def _param(*shape, dtype, device) -> nn.Parameter:
