@@ -7,6 +7,7 @@ config, alternated in one process on one GPU so clocks and the machine are the s
     python scripts/ab_decode.py --switch GEMV_ROUTER       # any on/off switch of gptoss.model.gpt_oss
     python scripts/ab_decode.py --set "ROUTER_GEMV=GemvOptions(2, 2048)"   # module values, each against the default
     python scripts/ab_decode.py --set "NORM_QKV=False; CHUNK_ORDER_T=False"  # several in one variant
+    python scripts/ab_decode.py --replay --batch 1 --set ...   # the graph replayed back to back: steadier
 """
 
 import argparse
@@ -53,10 +54,33 @@ def decode_ms(llm, batch: int, n: int = 129) -> float:
     return (times[1] - times[0]) / (n - 1) * 1e3
 
 
+def replay_ms(llm, batch: int, n: int = 200) -> float:
+    """The captured decode graph of `batch` replayed back to back after a generate has filled its inputs
+    (context about 64 + 129 tokens): the GPU's time a step with no host in between, steadier than
+    decode_ms's difference of two generates."""
+    decode_ms(llm, batch)
+    graphs = llm.engine.runner.graphs
+    g, _ = graphs.graphs[next(s for s in graphs.sizes if s >= batch)]
+    g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+_timer = decode_ms  # what the comparisons time a variant with (main sets it)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default="/tmp/gptoss-20b")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-model-len", type=int, default=1024, help="the graphs' context bound (the "
+                    "attention's splits follow it; gptoss bench --mode latency runs 4096)")
+    ap.add_argument("--replay", action="store_true", help="time the captured graph replayed back to back "
+                    "(replay_ms) instead of generate calls (decode_ms)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--upcasts", nargs="+", help="compare these TritonMoE upcasts (one LLM each) at the "
                     "default tiles instead of the tile variants")
@@ -68,6 +92,8 @@ def main():
     ap.add_argument("--set", nargs="+", help="NAME=EXPR assignments (NAME as for --switch, EXPR evaluated in "
                     "that module), each alone against the module's own value; 'A=x; B=y' sets both in one variant")
     a = ap.parse_args()
+    global _timer
+    _timer = replay_ms if a.replay else decode_ms
     if a.set:
         return compare_settings(a, a.set)
     if a.upcasts:
@@ -85,12 +111,12 @@ def main():
                 layer.mlp.experts._config = cfg
             eng.runner.capture_cuda_graphs(max(a.batch), eng.max_model_len, eng.kv_layout.window is not None)
             for b in a.batch:
-                res.setdefault((name, b), []).append(decode_ms(llm, b))
+                res.setdefault((name, b), []).append(_timer(llm, b))
     _table("variant", res)
 
 
 def _llm(a):
-    return LLM(a.ckpt, moe_backend="triton", max_model_len=1024, max_num_seqs=max(a.batch), progress=False,
+    return LLM(a.ckpt, moe_backend="triton", max_model_len=a.max_model_len, max_num_seqs=max(a.batch), progress=False,
                enable_prefix_caching=False, kv_cache_memory_bytes=2 << 30)
 
 
@@ -121,7 +147,7 @@ def compare_switches(a, names):
                 setattr(*_switch(n), n != off)
             eng.runner.capture_cuda_graphs(max(a.batch), eng.max_model_len, eng.kv_layout.window is not None)
             for b in a.batch:
-                res.setdefault(("all on" if off is None else f"{off} off", b), []).append(decode_ms(llm, b))
+                res.setdefault(("all on" if off is None else f"{off} off", b), []).append(_timer(llm, b))
     for n in names:
         setattr(*_switch(n), True)
     _table("variant", res)
@@ -145,7 +171,7 @@ def compare_settings(a, assignments):
                 setattr(mod, attr, value)
             eng.runner.capture_cuda_graphs(max(a.batch), eng.max_model_len, eng.kv_layout.window is not None)
             for b in a.batch:
-                res.setdefault((label, b), []).append(decode_ms(llm, b))
+                res.setdefault((label, b), []).append(_timer(llm, b))
             for mod, attr, default, _ in sets:
                 setattr(mod, attr, default)
     _table("setting", res)
@@ -163,7 +189,7 @@ def compare_upcasts(a):
     for _ in range(a.rounds):
         for u, llm in llms.items():
             for b in a.batch:
-                res.setdefault((u, b), []).append(decode_ms(llm, b))
+                res.setdefault((u, b), []).append(_timer(llm, b))
     _table("upcast", res)
 
 

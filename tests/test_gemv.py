@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss.kernels.gemv import (GemvOptions, linear_rows, linear_rows_torch, rms_norm_linear_rows,
+from gptoss.kernels.gemv import (GemvOptions, linear_rows, linear_rows_route, linear_rows_torch, rms_norm_linear_rows,
                                  rms_norm_linear_rows_torch)
 
 def check_against_twin(device: str, dtype: torch.dtype, M: int, N: int, K: int, bias: bool, opts, seed: int):
@@ -49,6 +49,51 @@ def check_norm_against_twin(device: str, dtype: torch.dtype, N: int, K: int, res
     for name, a, ref in (("t", t, t_ref), ("y", y, y_ref)):
         err = ((a.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
         assert err <= tol, (name, N, K, opts, err)
+
+
+def check_route_against_twin(device: str, dtype: torch.dtype, N: int, K: int, E: int, opts, seed: int):
+    """The o GEMV with the router folded in (router_partials): h and u as the twin's epilogue on
+    linear_rows_torch's y (a bf16 output may round the other way where y's sums differ in their last
+    bit), the slots' sums adding up to the twin's, the next buffer zeroed; and the identity it rests
+    on: the finished logits are the router's over rms_norm(h)."""
+    from gptoss.kernels import router_partials as RP
+    from gptoss.kernels.moe_token import natural_order
+    from gptoss.kernels.rmsnorm import rms_norm_torch
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, K, generator=g).to(dtype).to(device)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype).to(device)
+    b = torch.randn(N, generator=g).to(dtype).to(device)
+    r = torch.randn(1, N, generator=g).to(dtype).to(device)
+    nw = (1 + 0.1 * torch.randn(N, generator=g)).to(dtype).to(device)
+    wr = torch.randn(E, N, generator=g).to(dtype).to(device)
+    rb = torch.randn(E, generator=g).to(dtype).to(device)
+    sums, nxt = RP.new_sums(E, device), torch.randn(RP.SLOTS, RP.width(E), generator=g).to(device)
+    h, u = linear_rows_route(x, w, b, r, nw, wr, sums, nxt, opts)
+    ref = torch.zeros_like(sums)
+    h_ref, u_ref = RP.route_torch(linear_rows_torch(x, w, b), r, nw, wr, ref)
+    assert h.shape == (1, N) and u.shape == (1, 64 * -(-N // 64)) and h.dtype == u.dtype == dtype
+    assert torch.equal(nxt, torch.zeros_like(nxt))
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    for name, a, want in (("h", h, h_ref), ("u", natural_order(u, N), u_ref), ("sums", sums.sum(0), ref[0])):
+        err = ((a.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        assert err <= tol, (name, N, K, E, opts, err)
+    assert not sums[:, E + 1:].any()
+    lg, _ = RP.finish_logits_torch(RP.RouterPartials(sums, rb, 1e-5, N, E))
+    want = rms_norm_torch(h_ref, nw, 1e-5).float() @ wr.float().T + rb.float()
+    err = ((lg.float() - want).abs().max() / want.abs().max()).item()
+    assert err <= (1e-5 if dtype == torch.float32 else 2 ** -6), (N, K, E, err)
+
+
+def test_route_gemv_rejects_bad_buffers():
+    from gptoss.kernels import router_partials as RP
+    x, w, r, nw, wr = torch.randn(1, 8), torch.randn(4, 8), torch.randn(1, 4), torch.ones(4), torch.randn(3, 4)
+    s = RP.new_sums(3, "cpu")
+    with pytest.raises(ValueError, match="two contiguous float32 buffers"):
+        linear_rows_route(x, w, None, r, nw, wr, s, s)  # the same buffer twice
+    with pytest.raises(ValueError, match="two contiguous float32 buffers"):
+        linear_rows_route(x, w, None, r, nw, wr, torch.zeros(16, 3), torch.zeros(16, 3))  # no room for sum(h^2)
+    with pytest.raises(ValueError, match="one row"):
+        linear_rows_route(x, w, None, torch.randn(1, 5), nw, wr, s, RP.new_sums(3, "cpu"))
 
 
 def test_norm_gemv_rejects_bad_shapes():
@@ -98,6 +143,10 @@ def test_kernel_in_interpreter():
             "                                   (1, 9, 512, O(4, 256, preload=2)), (2, 33, 1000, O(2, 256, preload=4)))):\n"
             "    t.check_against_twin('cpu', torch.float32, M, N, K, True, o, 30 + i)\n"
             "t.check_norm_against_twin('cpu', torch.float32, 24, 300, torch.float32, O(8, 128, preload=3), 40, True)\n"
+            "# the o GEMV with the router folded in: preloaded or stepped K, strips past N, 5-40 experts\n"
+            "for i, (N, K, E, o) in enumerate(((40, 300, 8, O(2, 128, preload=3)), (96, 256, 32, O(2, 128)),\n"
+            "                                  (33, 128, 5, O(4, 64, preload=2)), (70, 512, 40, O(8, 128)))):\n"
+            "    t.check_route_against_twin('cpu', torch.float32, N, K, E, o, 50 + i)\n"
             "import gptoss.kernels.gemv as g\n"
             "g.ONE_ROW_PATH = False  # one row through the two-row (3-D) form, the A/B switch\n"
             "t.check_against_twin('cpu', torch.float32, 1, 40, 300, True, O(), 20)\n"
@@ -116,6 +165,15 @@ def test_gpu_norm_gemv_matches_twin(res_dtype):
                                    (5120, 2880, QKV_GEMV), (5120, 2880, QKV_NORM_GEMV))):
         check_norm_against_twin("cuda", torch.bfloat16, N, K, res_dtype, o, i)
     check_norm_against_twin("cuda", torch.bfloat16, 32, 2880, res_dtype, ROUTER_GEMV, 9, t_chunk_order=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_route_gemv_matches_twin():
+    from gptoss.model.gpt_oss import O_GEMV
+    for i, (N, K, E, o) in enumerate(((2880, 4096, 32, O_GEMV), (2880, 4096, 128, GemvOptions()),
+                                      (2880, 2048, 32, GemvOptions(2, 1024, preload=2)))):
+        check_route_against_twin("cuda", torch.bfloat16, N, K, E, o, 60 + i)
 
 
 @pytest.mark.gpu

@@ -716,6 +716,62 @@ def test_fragments_match_twins_gpu(T, block_m):
                     E=32, k=4, H=2880, I=2880, tol=(5e-3, 5e-4), scale_shift=12)
 
 
+def check_router_partials(G, R, T_, g, device, E, start, n_local, H, I, opts):
+    """moe_token's GEMMs routed by the router's partial sums (router_partials) against the same
+    GEMMs routed by the logits those sums finish into, on x = u * rstd. The sums sit in one slot
+    and the norm's eps is 0 with sum(h^2) = H * 4^s, so rstd = 2^-s exactly: u * rstd is exact in
+    bf16, both ways take the same products, and the outputs must be equal. The logits are quarters
+    (exact in bf16: the interpreter's cast truncates where the GPU's rounds)."""
+    from gptoss.kernels import router_partials as RP
+    k = 4
+    w = slice_weights(random_weights(MoESpec(E, k, H, I), g, device), experts=slice(start, start + n_local))
+    w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2", True)
+    w2 = G.prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, "bf16x2", True)
+    b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
+    u = torch.randn(1, H, generator=g, device=device).bfloat16()
+    sums = RP.new_sums(E, device)
+    sums[0, :E] = 2.0 * (torch.randperm(E, generator=g, device=device) - E // 2)
+    sums[0, start + n_local - 1] = sums[0, :E].max() + 8  # a local expert on every rank
+    sums[0, E] = H * 4.0 ** 3
+    bias = 0.25 * torch.randint(-4, 5, (E,), generator=g, device=device)
+    p = RP.RouterPartials(sums, bias.bfloat16(), 0.0, H, E)
+    lg, rstd = RP.finish_logits_torch(p)
+    assert rstd.item() == 2 ** -3
+    x = (u.float() * rstd).bfloat16()
+    for up_opts, down_opts in opts:
+        r = R.inline_routing(lg, k, start, n_local)
+        out = torch.full((1, H), float("nan"), device=device)
+        a = T_.token_gate_up(T_.chunk_order(x), r, w1, b1, 1.702, 7.0, up_opts, zero=out, x_chunk_order=True)
+        y = T_.token_down(a, r, w2, b2, out, down_opts).clone()
+        rp = R.partial_routing(p, k, start, n_local)
+        out_p = torch.full((1, H), float("nan"), device=device)
+        a_p = T_.token_gate_up(T_.chunk_order(u), rp, w1, b1, 1.702, 7.0, up_opts, zero=out_p, x_chunk_order=True)
+        assert torch.equal(rp.topk_ids, r.topk_ids) and torch.equal(rp.topk_weights, r.topk_weights)
+        local = [j for j in range(k) if start <= r.topk_ids[0, j] < start + n_local]
+        assert local and torch.equal(T_.natural_order(a_p, I)[local], T_.natural_order(a, I)[local]), up_opts
+        y_p = T_.token_down(a_p, rp, w2, b2, out_p, down_opts)
+        torch.testing.assert_close(y_p, y, atol=1e-5, rtol=1e-5)  # down's atomics add in any order
+
+
+def test_token_kernels_take_router_partials(interp):
+    from gptoss.kernels import moe_token as T_
+    O = T_.TokenOptions
+    opts = [(T_.GATE_UP_OPTIONS, T_.DOWN_OPTIONS), (O(4, 1, 1, 2, 2), O(4, 1, 3, 1, 4))]
+    for i, (E, start, n_local) in enumerate(((8, 0, 8), (8, 4, 4), (40, 8, 16))):
+        check_router_partials(interp.gemm, interp.routing, T_, torch.Generator().manual_seed(60 + i), "cpu", E, start,
+                              n_local, 64, 64, opts)
+
+
+def test_router_partials_only_where_a_backend_takes_them():
+    from gptoss.kernels import router_partials as RP
+    spec = MoESpec(8, 2, 64, 64)
+    m = torch_backend(random_weights(spec, torch.Generator().manual_seed(0)), spec)
+    assert not m.takes_router_partials(1)
+    p = RP.RouterPartials(RP.new_sums(8, "cpu"), torch.zeros(8), 1e-5, 64, 8)
+    with pytest.raises(ValueError, match="routes by logits"):
+        m.forward_sum(torch.randn(1, 64), None, router_partials=p)
+
+
 @pytest.mark.gpu
 def test_token_kernels_match_twins_gpu():
     # the asm on sm_90: the 20b layer, the 120b's 128 experts on an EP rank, a TP rank's K = 1440
@@ -729,6 +785,7 @@ def test_token_kernels_match_twins_gpu():
     g = torch.Generator(device="cuda").manual_seed(3)
     for E, start, n_local, H, I in ((32, 0, 32, 2880, 2880), (128, 32, 32, 2880, 2880), (32, 0, 32, 2880, 1440)):
         check_token_kernels(G, R, T_, g, "cuda", E, start, n_local, H, I, opts, (5e-3, 5e-4))
+        check_router_partials(G, R, T_, g, "cuda", E, start, n_local, H, I, opts[:2])
 
 
 @pytest.mark.gpu

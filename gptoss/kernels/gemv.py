@@ -98,11 +98,35 @@ def _store_strip(acc, b_ptr, y_ptr, m, m_mask, n, N, stride_ym, HAS_BIAS: tl.con
 
 
 @triton.jit
+def _store_routed(acc, b_ptr, n, N, r_ptr, nw_ptr, t_ptr, h_ptr, wr_ptr, stride_wr, slot_ptr, E,
+                  HAS_BIAS: tl.constexpr, E_W: tl.constexpr):
+    """ROUTE's epilogue for one row's columns n (acc [BLOCK_N] fp32): y rounded as the unfused kernel
+    stores it, h = r + y and u = nw * h rounded as the unfused norm + residual kernels round them, then
+    the router's partial sums of these columns added into a slot: W_r[e, n] @ u[n] for e < E, and
+    sum(h[n]^2) at E."""
+    n_mask = n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+    y = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
+    h = (tl.load(r_ptr + n, mask=n_mask, other=0.0).to(tl.float32) + y).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + n, h, mask=n_mask)
+    hf = tl.where(n_mask, h.to(tl.float32), 0.0)
+    u = (tl.load(nw_ptr + n, mask=n_mask, other=0.0).to(tl.float32) * hf).to(t_ptr.dtype.element_ty)
+    tl.store(t_ptr + _chunk_pos(n), u, mask=n_mask)
+    e = tl.arange(0, E_W)
+    wr = tl.load(wr_ptr + e[:, None] * stride_wr + n[None, :], mask=(e < E)[:, None] & n_mask[None, :], other=0.0)
+    p = tl.sum(wr.to(tl.float32) * u.to(tl.float32)[None, :], axis=1)
+    p = tl.where(e == E, tl.sum(hf * hf, axis=0), p)
+    tl.atomic_add(slot_ptr + e, p, mask=e <= E, sem="relaxed")
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, K, eps,
-                 stride_xm, stride_wn, stride_ym,
+                 stride_xm, stride_wn, stride_ym, wr_ptr, sums_ptr, zero_ptr, E, stride_wr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  NORM: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr, ONE_ROW: tl.constexpr = False,
-                 VEC: tl.constexpr = 8, T_CHUNK: tl.constexpr = False, PRE: tl.constexpr = 1):
+                 VEC: tl.constexpr = 8, T_CHUNK: tl.constexpr = False, PRE: tl.constexpr = 1,
+                 ROUTE: tl.constexpr = False, E_W: tl.constexpr = 1, SLOTS: tl.constexpr = 1):
     # strips of BLOCK_N output columns, pid, pid + P, ...; each K step's weight load is issued before
     # the previous step's math, and past a strip's last step it loads the next strip's first (the
     # load after the last strip fully masked). The weights do not depend on the kernel before: the
@@ -111,6 +135,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
     # NORM (one row): the GEMV's input is t = rms_norm(x + r) * nw. Every program computes the row's
     # norm (K values from L2) and builds t's K steps itself; program 0 also stores h = x + r and t,
     # for the residual stream and the next GEMM (T_CHUNK: t in moe_token's chunk order, for its gate_up).
+    # ROUTE (one row, the o projection): the router folded in (gptoss.kernels.router_partials); r, nw,
+    # t and h are then the output's: h = r + y, u = nw * h into t (chunk order), the router's partial
+    # sums into sums_ptr, and program 0 zeroes the next layer's (zero_ptr, SLOTS x E_W floats).
+    tl.static_assert(not (ROUTE and NORM), "ROUTE and NORM: the norm is on one side of the GEMV")
     P = tl.num_programs(0)
     n_strips = tl.cdiv(N, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
@@ -128,6 +156,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
     if PRE >= 4:
         w3 = _w_tile(w_ptr, n, 3 * BLOCK_K + kk, N, K, stride_wn)
     pdl_enter(PDL)
+    if ROUTE:
+        if tl.program_id(0) == 0:
+            z = tl.arange(0, SLOTS * E_W)
+            tl.store(zero_ptr + z, tl.zeros((SLOTS * E_W,), tl.float32))
     rstd = 0.0
     if NORM:
         ks = tl.arange(0, KP)
@@ -151,7 +183,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
         if PRE >= 4:
             acc1 = _dot_row(acc1, w3, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, 3 * BLOCK_K + kk, K, rstd, NORM),
                             BLOCK_N, BLOCK_K, VEC)
-        _store_strip(tl.sum(acc1, axis=1)[None, :], b_ptr, y_ptr, m, m_mask, n, N, stride_ym, HAS_BIAS)
+        if ROUTE:
+            _store_routed(tl.sum(acc1, axis=1), b_ptr, n, N, r_ptr, nw_ptr, t_ptr, h_ptr, wr_ptr, stride_wr,
+                          sums_ptr + (s % SLOTS) * E_W, E, HAS_BIAS, E_W)
+        else:
+            _store_strip(tl.sum(acc1, axis=1)[None, :], b_ptr, y_ptr, m, m_mask, n, N, stride_ym, HAS_BIAS)
     else:
         for s in range(tl.program_id(0), n_strips, P):
             n = s * BLOCK_N + cols
@@ -182,11 +218,16 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
                 w = w_next
             if ONE_ROW:
                 acc = tl.sum(acc1, axis=1)[None, :]
-            _store_strip(acc, b_ptr, y_ptr, m, m_mask, n, N, stride_ym, HAS_BIAS)
+            if ROUTE:
+                _store_routed(tl.sum(acc, axis=0), b_ptr, n, N, r_ptr, nw_ptr, t_ptr, h_ptr, wr_ptr, stride_wr,
+                              sums_ptr + (s % SLOTS) * E_W, E, HAS_BIAS, E_W)
+            else:
+                _store_strip(acc, b_ptr, y_ptr, m, m_mask, n, N, stride_ym, HAS_BIAS)
 
 
-def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False) -> None:
-    """The GEMV over x's rows, or (norm = (residual, norm_weight, eps, t, h)) over rms_norm(x + residual)."""
+def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False, route=None) -> None:
+    """The GEMV over x's rows, or (norm = (residual, norm_weight, eps, t, h)) over rms_norm(x + residual),
+    or (route = (residual, norm_weight, u, h, router_weight, sums, zero_next)) with the router folded in."""
     M, K = x.shape
     N = w.shape[0]
     one_row = ONE_ROW_PATH and M == 1
@@ -198,12 +239,17 @@ def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False) 
     if opts.programs_per_sm:
         grid = min(grid, opts.programs_per_sm * sm_count(x.device))
     r, nw, eps, t, h = norm if norm is not None else (x, x, 0.0, x, x)
+    wr, sums, zero, e_w = x, x, x, 1
+    if route is not None:
+        r, nw, t, h, wr, sums, zero = route
+        e_w = sums.shape[1]
     _gemv_kernel[(grid,)](
         x, w, bias if bias is not None else w, y, r, nw, t, h, M, N, K, float(eps), x.stride(0), w.stride(0),
-        y.stride(0), BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=opts.block_n, BLOCK_K=opts.block_k,
-        HAS_BIAS=bias is not None, NORM=norm is not None, KP=triton.next_power_of_2(K), ONE_ROW=one_row,
-        VEC=min(8, opts.block_k), T_CHUNK=t_chunk, PRE=pre, num_warps=opts.num_warps, num_stages=opts.num_stages,
-        **pdl.args())
+        y.stride(0), wr, sums, zero, wr.shape[0], wr.stride(0), BLOCK_M=max(1, triton.next_power_of_2(M)),
+        BLOCK_N=opts.block_n, BLOCK_K=opts.block_k, HAS_BIAS=bias is not None, NORM=norm is not None,
+        KP=triton.next_power_of_2(K), ONE_ROW=one_row, VEC=min(8, opts.block_k), T_CHUNK=t_chunk, PRE=pre,
+        ROUTE=route is not None, E_W=e_w, SLOTS=sums.shape[0] if route is not None else 1,
+        num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
 
 
 def linear_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -237,6 +283,33 @@ def rms_norm_linear_rows(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
     y = torch.empty(1, w.shape[0], dtype=x.dtype, device=x.device)
     _launch(x, w, bias, y, opts or GemvOptions(), (residual, norm_weight, eps, t, h), t_chunk_order)
     return t, h, y
+
+
+def linear_rows_route(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                      norm_weight: torch.Tensor, router_weight: torch.Tensor, sums: torch.Tensor,
+                      zero_next: torch.Tensor, opts: GemvOptions | None = None):
+    """One row, the o projection with the MoE router folded in (gptoss.kernels.router_partials):
+    (h, u) with y = x @ w^T + bias, h = residual + y [1, N] and u = norm_weight * h [1, chunk_width(N)]
+    in moe_token's chunk order, all in x.dtype; the router's partial sums added into `sums` (zero
+    before: [SLOTS, width(E)] float32) and `zero_next` (the same shape, another buffer) zeroed."""
+    N, K = w.shape
+    E = router_weight.shape[0]
+    if x.shape != (1, K) or residual.shape != (1, N) or norm_weight.shape != (N,) or router_weight.shape != (E, N):
+        raise ValueError(f"linear_rows_route: x {tuple(x.shape)}, w {tuple(w.shape)}, residual {tuple(residual.shape)}, "
+                         f"norm weight {tuple(norm_weight.shape)}, router weight {tuple(router_weight.shape)}: one "
+                         "row, the residual and norm as wide as w's rows, the router over them")
+    if sums.shape != zero_next.shape or sums.dtype != torch.float32 or sums.shape[1] < E + 1 or any(
+            d & (d - 1) for d in sums.shape) or not (
+            sums.is_contiguous() and zero_next.is_contiguous()) or sums.data_ptr() == zero_next.data_ptr():
+        raise ValueError(f"linear_rows_route: sums {tuple(sums.shape)} {sums.dtype} and zero_next "
+                         f"{tuple(zero_next.shape)} must be two contiguous float32 buffers of the same shape, "
+                         f"powers of two, each row at least {E + 1} wide")
+    if not (x.is_contiguous() and residual.is_contiguous() and w.stride(-1) == 1 and router_weight.stride(-1) == 1):
+        raise ValueError("linear_rows_route: x, residual and the weights' rows must be contiguous")
+    h = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    u = torch.empty(1, chunk_width(N), dtype=x.dtype, device=x.device)
+    _launch(x, w, bias, h, opts or GemvOptions(), route=(residual, norm_weight, u, h, router_weight, sums, zero_next))
+    return h, u
 
 
 def linear_rows_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,

@@ -539,6 +539,21 @@ def _inline_rows(e, pid_m, expert_start, E_LOCAL, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _ranked_pick(lg, rank, ids_ptr, w_ptr, pid_m, store, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
+                 K_PAD: tl.constexpr):
+    """The expert of rank pid_m, given every expert's logit lg [E_PAD] and rank (the experts ahead of
+    it); store: also write the token's topk_ids / topk_weights (its softmax)."""
+    offs = tl.arange(0, E_PAD)
+    if store:  # the routing kernel's [2, K_PAD] tiles (row 1 padding), its weights and its store
+        sel = rank[:, None] == tl.arange(0, K_PAD)[None, :]  # [E_PAD, K_PAD]
+        row0 = tl.arange(0, 2)[:, None] == 0
+        ids = tl.where(row0, tl.sum(tl.where(sel, offs[:, None], 0), axis=0)[None, :], 0)
+        vals = tl.where(row0, tl.sum(tl.where(sel, lg[:, None], 0.0), axis=0)[None, :], float("-inf"))
+        _store_topk(ids, _topk_weights(vals, TOP_K, K_PAD), ids_ptr, w_ptr, 1, 0, 2, TOP_K, K_PAD)
+    return tl.sum(tl.where(rank == pid_m, offs, 0), axis=0)
+
+
+@triton.jit
 def _inline_topk(logits_ptr, ids_ptr, w_ptr, E, pid_m, store, TOP_K: tl.constexpr, E_PAD: tl.constexpr,
                  K_PAD: tl.constexpr):
     """The one token's j-th expert (j = pid_m) in the routing kernel's order (the larger logit first,
@@ -557,13 +572,7 @@ def _inline_topk(logits_ptr, ids_ptr, w_ptr, E, pid_m, store, TOP_K: tl.constexp
         for f in tl.static_range(E_PAD):
             lf = tl.load(logits_ptr + f, mask=f < E, other=float("-inf")).to(tl.float32)
             rank += ((lf > lg) | ((lf == lg) & (f < offs))).to(tl.int32)
-        if store:  # the routing kernel's [2, K_PAD] tiles (row 1 padding), its weights and its store
-            sel = rank[:, None] == tl.arange(0, K_PAD)[None, :]  # [E_PAD, K_PAD]
-            row0 = tl.arange(0, 2)[:, None] == 0
-            ids = tl.where(row0, tl.sum(tl.where(sel, offs[:, None], 0), axis=0)[None, :], 0)
-            vals = tl.where(row0, tl.sum(tl.where(sel, lg[:, None], 0.0), axis=0)[None, :], float("-inf"))
-            _store_topk(ids, _topk_weights(vals, TOP_K, K_PAD), ids_ptr, w_ptr, 1, 0, 2, TOP_K, K_PAD)
-        e = tl.sum(tl.where(rank == pid_m, offs, 0), axis=0)
+        e = _ranked_pick(lg, rank, ids_ptr, w_ptr, pid_m, store, TOP_K, E_PAD, K_PAD)
     else:
         ids, w = _topk_softmax(logits_ptr, 0, 1, E, 0, 2, E_PAD, TOP_K, K_PAD)  # [2, K_PAD], row 1 padding
         if store:

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import pdl_enter
+from .router_partials import RouterPartials
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,13 @@ class Routing:
     logits: torch.Tensor | None = None
     expert_start: int = 0
     num_local_experts: int = 0
+    # partial_routing (moe_token's kernels only): the router's sums they finish into logits
+    partials: RouterPartials | None = None
+
+    @property
+    def num_experts(self) -> int:
+        """The router's width (one-token routing: by logits or partial sums)."""
+        return self.partials.num_experts if self.partials is not None else self.logits.shape[1]
 
     @property
     def max_tiles(self) -> int:
@@ -334,7 +342,19 @@ def inline_routing(router_logits: torch.Tensor, top_k: int, expert_start: int, n
     _check(router_logits, top_k, expert_start, num_local_experts, opts)
     if router_logits.shape[0] != 1:
         raise ValueError(f"inline_routing takes one token, got {router_logits.shape[0]}")
-    dev = router_logits.device
+    return _one_token(router_logits.device, top_k, expert_start, num_local_experts, opts, logits=router_logits)
+
+
+def partial_routing(partials: RouterPartials, top_k: int, expert_start: int, num_local_experts: int,
+                    opts: RoutingOptions = RoutingOptions()) -> Routing:
+    """inline_routing's Routing for a router folded into the o projection (gptoss.kernels.router_partials):
+    moe_token's gate_up and down finish the partial sums into the logits themselves."""
+    E = partials.num_experts
+    _check(partials.sums.new_empty(1, E), top_k, expert_start, num_local_experts, opts)
+    return _one_token(partials.sums.device, top_k, expert_start, num_local_experts, opts, partials=partials)
+
+
+def _one_token(dev, top_k, expert_start, num_local_experts, opts, logits=None, partials=None) -> Routing:
     key = (dev, top_k)
     if key not in _ARANGE:  # a constant kept per device, so that captured decode graphs launch nothing for it
         _ARANGE[key] = torch.arange(top_k, dtype=torch.int32, device=dev)
@@ -342,8 +362,8 @@ def inline_routing(router_logits: torch.Tensor, top_k: int, expert_start: int, n
     ids = torch.empty(1, top_k, dtype=torch.int32, device=dev)
     w = torch.empty(1, top_k, dtype=torch.float32, device=dev)
     # expert_offsets and tile_row are not read in this mode; tile_expert's length gives the k M tiles
-    return Routing(ids, w, ar, ar, ar, ar, ar, 1, top_k, opts.block_m, router_logits, expert_start,
-                   num_local_experts)
+    return Routing(ids, w, ar, ar, ar, ar, ar, 1, top_k, opts.block_m, logits, expert_start, num_local_experts,
+                   partials)
 
 
 def moe_routing_torch(router_logits: torch.Tensor, top_k: int, expert_start: int, num_local_experts: int,

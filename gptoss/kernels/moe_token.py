@@ -20,8 +20,11 @@ gate_up keeps four chunks of weights in registers and x's words of the same chun
 alone gains nothing; in the batch-1 step the change is within run-to-run variation (docs/moe.md).
 
 `routing` is `inline_routing`'s (gate_up finds the token's top-k from the logits, as moe_gemm's does,
-and writes topk_ids / topk_weights for down); w1 / w2 "fragments" weights whose block scales all fit
-one multiply (`MXFP4Weight.upcast_mode == 2`: scales <= 128, true of the random checkpoints and, by
+and writes topk_ids / topk_weights for down) or `partial_routing`'s: the router folded into the o
+projection (gptoss.kernels.router_partials), whose partial sums gate_up and down finish into the
+logits and the norm's rstd themselves, x then being u = norm weight * h, which gate_up's row sums
+scale by the rstd; no router kernel runs (H100, batch-1 step: 1.706 against 1.730 ms). w1 / w2 are
+"fragments" weights whose block scales all fit one multiply (`MXFP4Weight.upcast_mode == 2`: scales <= 128, true of the random checkpoints and, by
 their magnitudes, of gpt-oss's). `supported(w)` says whether a backend may call these; the "triton"
 backend does at one token (`moe.triton_backends.TOKEN_KERNELS`).
 
@@ -54,10 +57,14 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .moe_gemm import _UPCAST_PTX, INTERPRETED, _bf16_of, _bf16x2_pairs, _inline_rows, _inline_topk, _store_cast
-from .moe_routing import Routing
+from .moe_gemm import (_UPCAST_PTX, INTERPRETED, _bf16_of, _bf16x2_pairs, _inline_rows, _inline_topk, _ranked_pick,
+                       _store_cast)
+from .moe_routing import Routing, _store_topk, _topk_weights
 from .moe_weights import MXFP4Weight
 from .pdl import pdl_enter
+from .router_partials import SLOTS, _finish_logits, width
+
+_SLOTS = tl.constexpr(SLOTS)
 
 
 @dataclass(frozen=True)
@@ -364,12 +371,74 @@ def natural_order(a: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @triton.jit
+def _order_key(lg, f):
+    """int32 keys of bf16-valued fp32 logits lg that order as (logit, -index f): the bf16 bits made
+    order-preserving as a signed int (negatives' magnitude bits flipped) above 65535 - f."""
+    b = tl.where(lg == 0.0, 0.0, lg).to(tl.int32, bitcast=True) >> 16  # -0.0 ties +0.0, as a compare has it
+    return ((b ^ ((b >> 15) & 32767)) << 16) | (65535 - f)
+
+
+@triton.jit
+def _key_value(key):
+    """The logit of an _order_key key."""
+    o = key >> 16
+    return ((o ^ ((o >> 15) & 32767)) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key_topk(lg, j, ids_ptr, topk_w_ptr, store, TOP_K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr):
+    """The j-th of the top-k of one warp's logits lg [E_PAD <= 32] (each warp holds a copy); store: also
+    write topk_ids / topk_weights. TOP_K rounds of one max over _order_key's keys, shuffles within the
+    warp only: this runs before every program's first weight load, and a max plus an argmin a round,
+    or a rank for every expert, took 2-4x the shuffles (H100, batch-1 step: 1.831 ms with ranks of a
+    [64, 64] tile against 1.706 with this, 1.676 with the experts fixed and nothing read)."""
+    key = _order_key(lg, tl.arange(0, E_PAD))
+    kk = tl.arange(0, K_PAD)
+    ids = tl.zeros((K_PAD,), tl.int32)
+    vals = tl.full((K_PAD,), float("-inf"), tl.float32)
+    e = 0
+    for r in tl.static_range(TOP_K):
+        top = tl.max(key, axis=0)
+        idx = 65535 - (top & 65535)
+        e = tl.where(j == r, idx, e)
+        ids = tl.where(kk == r, idx, ids)
+        vals = tl.where(kk == r, _key_value(top), vals)
+        key = tl.where(key == top, -2147483647 - 1, key)
+    if store:
+        row0 = tl.arange(0, 2)[:, None] == 0  # _store_topk's [2, K_PAD] tiles, row 1 padding
+        _store_topk(tl.where(row0, ids[None, :], 0), _topk_weights(tl.where(row0, vals[None, :], float("-inf")),
+                                                                   TOP_K, K_PAD),
+                    ids_ptr, topk_w_ptr, 1, 0, 2, TOP_K, K_PAD)
+    return e
+
+
+@triton.jit
+def _token_expert(logits_ptr, rb_ptr, ids_ptr, topk_w_ptr, E, hidden, eps, j, store, TOP_K: tl.constexpr,
+                  E_PAD: tl.constexpr, K_PAD: tl.constexpr, PARTIALS: tl.constexpr, P_W: tl.constexpr = 1):
+    """(the token's j-th expert, the norm's rstd): from the logits (rstd 1), or PARTIALS from the
+    router's partial sums at logits_ptr, finished here (P_W: their rows' width, router_partials.width)."""
+    if PARTIALS:
+        lg, rstd = _finish_logits(logits_ptr, rb_ptr, E, hidden, eps, _SLOTS, P_W, E_PAD)
+        if E_PAD <= 32:
+            return _key_topk(lg, j, ids_ptr, topk_w_ptr, store, TOP_K, E_PAD, K_PAD), rstd
+        else:  # ranks over a [E_PAD, E_PAD] tile (crosses warps; the 120b's 128 experts)
+            f = tl.arange(0, E_PAD)
+            ahead = (lg[None, :] > lg[:, None]) | ((lg[None, :] == lg[:, None]) & (f[None, :] < f[:, None]))
+            rank = tl.sum(ahead.to(tl.int32), axis=1)
+            return _ranked_pick(lg, rank, ids_ptr, topk_w_ptr, j, store, TOP_K, E_PAD, K_PAD), rstd
+    else:
+        return _inline_topk(logits_ptr, ids_ptr, topk_w_ptr, E, j, store, TOP_K, E_PAD, K_PAD), 1.0
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, a_ptr, zero_ptr, n_zero, w_ptr, ws_ptr, b_ptr, logits_ptr, ids_ptr, topk_w_ptr,
                     E, expert_start, E_LOCAL, K, N, stride_a, n_chunks, stride_we, stride_wn, stride_se, stride_sn,
-                    alpha, limit, TOP_K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                    alpha, limit, rb_ptr, hidden, eps, TOP_K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
                     NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, PF: tl.constexpr, MASK: tl.constexpr,
                     TAIL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr, XC: tl.constexpr = False,
-                    XA: tl.constexpr = False):
+                    XA: tl.constexpr = False, PARTIALS: tl.constexpr = False, P_W: tl.constexpr = 1):
+    # PARTIALS: logits_ptr holds the router's partial sums (router_partials), finished here into the
+    # logits and the norm's rstd; x is u = g * h, so the rows' sums take the rstd before the bias
     pdl_enter(PDL)
     j = tl.program_id(0)
     pid = tl.program_id(1)
@@ -378,7 +447,8 @@ def _gate_up_kernel(x_ptr, a_ptr, zero_ptr, n_zero, w_ptr, ws_ptr, b_ptr, logits
             for z in range(0, n_zero, 1024):
                 offs = z + tl.arange(0, 1024)
                 tl.store(zero_ptr + offs, tl.zeros((1024,), tl.float32), mask=offs < n_zero)
-    e = _inline_topk(logits_ptr, ids_ptr, topk_w_ptr, E, j, (j == 0) & (pid == 0), TOP_K, E_PAD, K_PAD)
+    e, rstd = _token_expert(logits_ptr, rb_ptr, ids_ptr, topk_w_ptr, E, hidden, eps, j, (j == 0) & (pid == 0),
+                            TOP_K, E_PAD, K_PAD, PARTIALS, P_W)
     e, _, _ = _inline_rows(e, j, expert_start, E_LOCAL, 1)
     if e < 0:
         return
@@ -390,6 +460,8 @@ def _gate_up_kernel(x_ptr, a_ptr, zero_ptr, n_zero, w_ptr, ws_ptr, b_ptr, logits
     G = G0 + RG * tl.arange(0, NW // KS)[:, None, None] + tl.arange(0, RG)[None, :, None]
     n = 16 * G + tl.arange(0, 16)[None, None, :]
     ok = n < N
+    if PARTIALS:
+        h = h * rstd
     h += tl.load(b_ptr + e64 * N + n, mask=ok, other=0.0)
     gate, up = tl.split(tl.reshape(h, (NW // KS, RG, 8, 2)))  # weight rows alternate gate, up
     gate = tl.minimum(gate, limit)
@@ -402,17 +474,20 @@ def _gate_up_kernel(x_ptr, a_ptr, zero_ptr, n_zero, w_ptr, ws_ptr, b_ptr, logits
 @triton.jit
 def _down_kernel(a_ptr, out_ptr, w_ptr, ws_ptr, b_ptr, ids_ptr, topk_w_ptr, logits_ptr, E, expert_start, E_LOCAL,
                  K, N, stride_a, chunks_per_split, n_chunks, stride_we, stride_wn, stride_se, stride_sn,
+                 rb_ptr, hidden, eps,
                  HAS_BIAS: tl.constexpr, NW: tl.constexpr, RG: tl.constexpr, KS: tl.constexpr, PF: tl.constexpr,
                  MASK: tl.constexpr, TAIL: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
                  EARLY: tl.constexpr = False, TOP_K: tl.constexpr = 1, E_PAD: tl.constexpr = 1,
-                 K_PAD: tl.constexpr = 1, XA: tl.constexpr = False):
-    # EARLY (under PDL): the expert comes from the router's logits, which the kernel before gate_up
-    # wrote, so the first weight loads go out before the wait, while gate_up still runs
+                 K_PAD: tl.constexpr = 1, XA: tl.constexpr = False, PARTIALS: tl.constexpr = False,
+                 P_W: tl.constexpr = 1):
+    # EARLY (under PDL): the expert comes from the router's logits (or partial sums), which the kernel
+    # before gate_up wrote, so the first weight loads go out before the wait, while gate_up still runs
     j = tl.program_id(0)
     pid = tl.program_id(1)
     pid_k = tl.program_id(2)
     if EARLY:
-        e = _inline_topk(logits_ptr, ids_ptr, topk_w_ptr, E, j, False, TOP_K, E_PAD, K_PAD)
+        e, _ = _token_expert(logits_ptr, rb_ptr, ids_ptr, topk_w_ptr, E, hidden, eps, j, False, TOP_K, E_PAD, K_PAD,
+                             PARTIALS, P_W)
     else:
         pdl_enter(PDL)
         e = tl.load(ids_ptr + j)
@@ -448,9 +523,21 @@ def _check(w: MXFP4Weight, routing: Routing, who: str) -> None:
     if not supported(w):
         raise ValueError(f"{who}: needs a 'fragments' weight with every block scale <= 128 "
                          f"(fragments={w.fragments}, upcast_mode={w.upcast_mode}, k={w.k})")
-    if routing.logits is None or routing.num_tokens != 1:
-        raise ValueError(f"{who}: takes inline_routing's one token, got {routing.num_tokens} tokens "
-                         f"({'inline' if routing.logits is not None else 'grouped'} routing)")
+    one = routing.logits is not None or routing.partials is not None
+    if not one or routing.num_tokens != 1:
+        raise ValueError(f"{who}: takes inline_routing's or partial_routing's one token, got {routing.num_tokens} "
+                         f"tokens ({'inline' if one else 'grouped'} routing)")
+
+
+def _router_args(routing: Routing) -> tuple[tuple, dict]:
+    """The kernels' (logits_ptr, rb_ptr, hidden, eps) and (E_PAD, PARTIALS): the logits, or the router's
+    partial sums with what finishes them."""
+    p = routing.partials
+    if p is None:
+        lg = routing.logits
+        return (lg, lg, 1, 0.0), dict(E_PAD=triton.next_power_of_2(lg.shape[1]), PARTIALS=False)
+    return (p.sums, p.bias, p.hidden, float(p.eps)), dict(E_PAD=triton.next_power_of_2(p.num_experts),
+                                                          P_W=width(p.num_experts), PARTIALS=True)
 
 
 def _groups(opts: TokenOptions) -> int:
@@ -473,7 +560,8 @@ def token_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch
                   limit: float, opts: TokenOptions | None = None, zero: torch.Tensor | None = None,
                   x_chunk_order: bool = False) -> torch.Tensor:
     """x [1, H] -> a [k, I'] in x.dtype and the chunk order (row j: the token's j-th expert; rows of
-    other ranks' experts are not written), routing.topk_ids / topk_weights filled in. bias [E, 2I]
+    other ranks' experts are not written), routing.topk_ids / topk_weights filled in (routing:
+    inline_routing's, or partial_routing's with x = u, whose row sums take the norm's rstd). bias [E, 2I]
     float32; zero: a contiguous float32 tensor zeroed on the way (token_down's output).
     x_chunk_order: x [1, chunk_width(H)] in the chunk order (`chunk_order(x)`; what lies past H is
     not read), loaded as down loads `a`: two 16-byte vectors a chunk instead of eight words."""
@@ -486,15 +574,15 @@ def token_gate_up(x: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch
                          f"got {tuple(x.shape)} {x.dtype} at offset {x.data_ptr() % align}")
     N, K, k = w.n, w.k, routing.top_k
     a = torch.empty(k, chunk_width(N // 2), dtype=x.dtype, device=x.device)
-    n_experts = routing.logits.shape[1]
     n_zero = zero.numel() if zero is not None else 0
+    (lg, rb, hidden, eps), router_consts = _router_args(routing)
     _gate_up_kernel[(k, triton.cdiv(N // 16, _groups(opts)))](
-        x, a, zero if zero is not None else a, n_zero, w.data, w.scales, bias, routing.logits, routing.topk_ids,
-        routing.topk_weights, n_experts, routing.expert_start, routing.num_local_experts, K, N, a.stride(0),
+        x, a, zero if zero is not None else a, n_zero, w.data, w.scales, bias, lg, routing.topk_ids,
+        routing.topk_weights, routing.num_experts, routing.expert_start, routing.num_local_experts, K, N, a.stride(0),
         triton.cdiv(K, 64), w.data.stride(0), w.data.stride(1), w.scales.stride(0), w.scales.stride(1),
-        float(alpha), float(limit), TOP_K=k, E_PAD=triton.next_power_of_2(n_experts),
-        K_PAD=triton.next_power_of_2(k), **_consts(N, K, (triton.cdiv(K, 64),), opts), num_warps=opts.num_warps,
-        num_stages=1, XC=x_chunk_order, **pdl.args())
+        float(alpha), float(limit), rb, hidden, eps, TOP_K=k, K_PAD=triton.next_power_of_2(k), **router_consts,
+        **_consts(N, K, (triton.cdiv(K, 64),), opts), num_warps=opts.num_warps, num_stages=1, XC=x_chunk_order,
+        **pdl.args())
     return a
 
 
@@ -517,13 +605,13 @@ def token_down(a: torch.Tensor, routing: Routing, w: MXFP4Weight, bias: torch.Te
     split = max(1, min(opts.split_k, n_chunks))
     per = triton.cdiv(n_chunks, split)
     split = triton.cdiv(n_chunks, per)  # no empty split (its prefetch would read past the weights)
-    n_experts = routing.logits.shape[1]
     early = DOWN_EARLY and pdl.args()["PDL"]
+    (lg, rb, hidden, eps), router_consts = _router_args(routing)
     _down_kernel[(k, triton.cdiv(N // 16, _groups(opts)), split)](
         a, out, w.data, w.scales, bias if bias is not None else out, routing.topk_ids, routing.topk_weights,
-        routing.logits, n_experts, routing.expert_start, routing.num_local_experts, K, N, a.stride(0), per, n_chunks,
-        w.data.stride(0), w.data.stride(1), w.scales.stride(0), w.scales.stride(1), HAS_BIAS=bias is not None,
-        **_consts(N, K, (per, n_chunks - per * (split - 1)), opts), num_warps=opts.num_warps, num_stages=1,
-        EARLY=early, TOP_K=k, E_PAD=triton.next_power_of_2(n_experts), K_PAD=triton.next_power_of_2(k),
-        **pdl.args())
+        lg, routing.num_experts, routing.expert_start, routing.num_local_experts, K, N, a.stride(0), per, n_chunks,
+        w.data.stride(0), w.data.stride(1), w.scales.stride(0), w.scales.stride(1), rb, hidden, eps,
+        HAS_BIAS=bias is not None, **_consts(N, K, (per, n_chunks - per * (split - 1)), opts),
+        num_warps=opts.num_warps, num_stages=1, EARLY=early, TOP_K=k, K_PAD=triton.next_power_of_2(k),
+        **router_consts, **pdl.args())
     return out

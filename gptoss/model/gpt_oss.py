@@ -16,7 +16,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..engine.forward_context import get_forward_context
 from ..kernels.attention import rope_kv_attention
-from ..kernels.gemv import GemvOptions, linear_rows, rms_norm_linear_rows
+from ..kernels.gemv import GemvOptions, linear_rows, linear_rows_route, rms_norm_linear_rows
+from ..kernels.router_partials import RouterPartials, new_sums
 from ..kernels.rmsnorm import rms_norm
 from ..moe import MoESpec, MoEWeights
 from ..distributed import ParallelState
@@ -31,6 +32,9 @@ GEMV_QKV = True
 NORM_ROUTER = True  # one-row steps: the MLP's norm inside the router GEMV (one kernel less a layer)
 NORM_QKV = True     # one-row steps: the attention's norm inside the qkv GEMV (one kernel less a layer)
 CHUNK_ORDER_T = True  # one-row steps: the router kernel writes the MoE's input in moe_token's chunk order
+# one-row steps through moe_token: the router folded into the o projection (gptoss.kernels.router_partials),
+# no router kernel; gate_up and down finish its partial sums
+ROUTER_IN_O = True
 # the router's [32, 2880] weight: one output column a program, all of K in one step over 8 warps (H100,
 # batch-1 step: 1.887 vs 1.904 ms a token with K in two 2048-wide steps over 4 warps)
 ROUTER_GEMV = GemvOptions(block_n=1, block_k=4096, num_warps=8)
@@ -95,9 +99,11 @@ class AttentionBlock(nn.Module):
         self.out_weight = _param(config.hidden_size, q, dtype=dtype, device=device)
         self.out_bias = _param(config.hidden_size, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor):
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor, route=None):
         """(residual stream, the previous block's output not yet added, in any float dtype) -> the
-        same pair after this block: the add is folded into this block's norm."""
+        same pair after this block: the add is folded into this block's norm. route (one row, no TP:
+        MLPBlock.route_args): the o projection also adds the residual and starts the MLP's router,
+        and returns (h, u) (linear_rows_route)."""
         ctx = get_forward_context()
         gemv = GEMV_QKV and _gemv_ok(x, self.qkv_weight)
         with stage("attn.qkv"):
@@ -127,6 +133,8 @@ class AttentionBlock(nn.Module):
             # only rank 0 adds the bias, so the all-reduce sums it once
             bias = self.out_bias if self.par.tp_rank == 0 else None
             o = o.flatten(1)
+            if route is not None:
+                return linear_rows_route(o, self.out_weight, bias, x, *route, opts=_covering(O_GEMV, o.shape[1]))
             if GEMV_O_PROJ and _gemv_ok(o, self.out_weight):
                 # batch-1 decode: 9.3 us vs cuBLAS 14.2 (20b, H100)
                 o = linear_rows(o, self.out_weight, bias, _covering(O_GEMV, o.shape[1]))
@@ -169,6 +177,9 @@ class MLPBlock(nn.Module):
         self.down_scales = _param(E, H, I2 // 64, dtype=u8, device=device)
         self.down_bias = _param(E, H, dtype=dtype, device=device)
         self.experts = None  # the MoE backend, built by bind_moe_backend after loading
+        # the router's partial sums of this layer and the next (Transformer.bind_moe_backend; ROUTER_IN_O)
+        self.router_sums: torch.Tensor | None = None
+        self.router_sums_next: torch.Tensor | None = None
 
     def bind_moe_backend(self, backend_cls, dtype) -> None:
         w = MoEWeights(self.gate_up_blocks.data, self.gate_up_scales.data, self.gate_up_bias.data,
@@ -180,6 +191,21 @@ class MLPBlock(nn.Module):
         for p in (self.gate_up_blocks, self.gate_up_scales, self.down_blocks, self.down_scales):
             if p.data.untyped_storage().data_ptr() not in held:
                 p.data = p.data.new_empty(0)
+
+    def route_args(self, x: torch.Tensor):
+        """What the o projection takes to start this block's router (AttentionBlock.forward's route),
+        or None where the router runs here: a one-row step on one GPU through the token kernels."""
+        if not (ROUTER_IN_O and GEMV_O_PROJ and self.router_sums is not None and self.par.tp_size == 1
+                and _gemv_ok(x, self.router_weight) and self.experts.takes_router_partials(1)):
+            return None
+        return self.norm.weight, self.router_weight, self.router_sums, self.router_sums_next
+
+    def forward_routed(self, h: torch.Tensor, u: torch.Tensor):
+        """forward after an o projection that took route_args: h the residual stream, u = norm weight * h
+        in the chunk order."""
+        with stage("moe.experts"):
+            p = RouterPartials(self.router_sums, self.router_bias, self.norm.eps, h.shape[1], self.router_weight.shape[0])
+            return h, self.experts.forward_sum(u, None, x_chunk_order=True, router_partials=p)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor):
         chunked = False
@@ -212,6 +238,9 @@ class TransformerBlock(nn.Module):
         self.mlp = MLPBlock(config, spec, par, dtype, device)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor):
+        route = self.mlp.route_args(x)
+        if route is not None:
+            return self.mlp.forward_routed(*self.attn(x, delta, positions, route))
         return self.mlp(*self.attn(x, delta, positions))
 
 
@@ -233,6 +262,13 @@ class Transformer(nn.Module):
     def bind_moe_backend(self, backend_cls) -> None:
         for layer in self.layers:
             layer.mlp.bind_moe_backend(backend_cls, self.dtype)
+        # ROUTER_IN_O: a buffer of router sums a layer, each o projection zeroing the next layer's
+        # (router_partials), which takes two layers or more
+        n = len(self.layers)
+        if n >= 2:
+            sums = [new_sums(self.config.num_local_experts, self.embedding.device) for _ in range(n)]
+            for i, layer in enumerate(self.layers):
+                layer.mlp.router_sums, layer.mlp.router_sums_next = sums[i], sums[(i + 1) % n]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits: bool = False) -> torch.Tensor:
         """-> the hidden states [T, H], or with logits every row's logits [T, vocab]: the decode graphs,

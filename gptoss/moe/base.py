@@ -76,11 +76,16 @@ class MoEBackend:
         """x [T, H], router_logits [T, num_experts] -> [T, H] in x.dtype (this rank's partial sum)."""
         raise NotImplementedError
 
-    def forward_sum(self, x: torch.Tensor, router_logits: torch.Tensor, x_chunk_order: bool = False) -> torch.Tensor:
+    def forward_sum(self, x: torch.Tensor, router_logits: torch.Tensor | None, x_chunk_order: bool = False,
+                    router_partials=None) -> torch.Tensor:
         """forward's result before its cast to x.dtype: a backend that sums in float32 may return that
         (the model folds it into the residual stream in the next norm). Default: forward.
         x_chunk_order: x comes in gptoss.kernels.moe_token's chunk order, which only a backend whose
-        takes_chunk_order says so is given."""
+        takes_chunk_order says so is given. router_partials (router_logits None): the router folded
+        into the o projection (gptoss.kernels.router_partials.RouterPartials), x = u, not yet scaled by
+        the norm's rstd; only for a backend whose takes_router_partials says so."""
+        if router_partials is not None:
+            raise ValueError(f"{type(self).__name__} routes by logits (takes_router_partials is False)")
         if x_chunk_order:
             raise ValueError(f"{type(self).__name__} takes x in its natural order (takes_chunk_order is False)")
         return self.forward(x, router_logits)
@@ -88,6 +93,11 @@ class MoEBackend:
     def takes_chunk_order(self, num_tokens: int) -> bool:
         """Whether forward_sum of num_tokens tokens reads x faster in moe_token's chunk order, which the
         model's norm + router kernel can write at no cost (then it passes x_chunk_order=True)."""
+        return False
+
+    def takes_router_partials(self, num_tokens: int) -> bool:
+        """Whether forward_sum of num_tokens tokens can finish the router itself from the o projection's
+        partial sums (then the model runs no router kernel)."""
         return False
 
 

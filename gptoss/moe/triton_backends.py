@@ -23,7 +23,7 @@ import torch
 from ..kernels import moe_token
 from ..kernels.moe_gemm import INTERPRETED, GemmOptions, gate_up_workspace_size, moe_down, moe_gate_up, row_absmax
 from ..kernels.moe_weights import prepare_mxfp4_weight
-from ..kernels.moe_routing import RoutingOptions, inline_routing, moe_routing
+from ..kernels.moe_routing import RoutingOptions, inline_routing, moe_routing, partial_routing
 from ..profiling import stage
 from .base import MoEBackend, MoESpec, MoEWeights
 from .registry import register_moe_backend
@@ -201,20 +201,32 @@ class _TritonMoE(MoEBackend):
         """One token through moe_token: its gate_up reads a lane's x words as two 16-byte loads."""
         return num_tokens == 1 and INLINE_ROUTING and self._token_kernels
 
-    def forward_sum(self, x: torch.Tensor, router_logits: torch.Tensor, x_chunk_order: bool = False) -> torch.Tensor:
+    def takes_router_partials(self, num_tokens: int) -> bool:
+        """One token through moe_token: its gate_up and down finish the router's partial sums."""
+        return self.takes_chunk_order(num_tokens)
+
+    def forward_sum(self, x: torch.Tensor, router_logits: torch.Tensor | None, x_chunk_order: bool = False,
+                    router_partials=None) -> torch.Tensor:
         """With fused_combine the float32 sum the down GEMM's atomics built (no cast kernel), else x.dtype.
-        x_chunk_order: one token's x [1, chunk_width(H)] in moe_token's chunk order."""
+        x_chunk_order: one token's x [1, chunk_width(H)] in moe_token's chunk order. router_partials:
+        see MoEBackend.forward_sum (x in the chunk order)."""
         spec = self.spec
+        if router_partials is not None and not (x_chunk_order and self.takes_router_partials(x.shape[0])):
+            raise ValueError(f"{self.name}: router partial sums take one token in the chunk order through "
+                             f"the token kernels (got {x.shape[0]} tokens, x_chunk_order={x_chunk_order})")
         if x_chunk_order and not self.takes_chunk_order(x.shape[0]):
             x, x_chunk_order = moe_token.natural_order(x, spec.hidden_size), False
         cfg = self.config_for(x.shape[0])
         if x.stride(-1) != 1:
             x = x.contiguous()
         with stage("moe.route"):
-            route = inline_routing if INLINE_ROUTING and x.shape[0] == 1 else moe_routing
-            routing = route(router_logits, spec.top_k, spec.expert_start, spec.local_experts,
-                            RoutingOptions(block_m=cfg.block_m))
-        if routing.logits is not None and self._token_kernels:
+            opts = RoutingOptions(block_m=cfg.block_m)
+            if router_partials is not None:
+                routing = partial_routing(router_partials, spec.top_k, spec.expert_start, spec.local_experts, opts)
+            else:
+                route = inline_routing if INLINE_ROUTING and x.shape[0] == 1 else moe_routing
+                routing = route(router_logits, spec.top_k, spec.expert_start, spec.local_experts, opts)
+        if (routing.logits is not None or routing.partials is not None) and self._token_kernels:
             out = torch.empty(1, self.w2.n, dtype=torch.float32, device=x.device)
             with stage("moe.w1"):
                 a = moe_token.token_gate_up(x, routing, self.w1, self.b1, spec.swiglu_alpha, spec.swiglu_limit,
