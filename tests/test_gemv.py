@@ -148,6 +148,8 @@ def test_kernel_in_interpreter():
             "                                  (33, 128, 5, O(4, 64, preload=2)), (70, 512, 40, O(8, 128)))):\n"
             "    t.check_route_against_twin('cpu', torch.float32, N, K, E, o, 50 + i)\n"
             "import gptoss.kernels.gemv as g\n"
+            "g.ROUTE_WEIGHTS_EARLY = False  # the router's weights loaded in the epilogue, the A/B switch\n"
+            "t.check_route_against_twin('cpu', torch.float32, 40, 300, 8, O(2, 128, preload=3), 54)\n"
             "g.ONE_ROW_PATH = False  # one row through the two-row (3-D) form, the A/B switch\n"
             "t.check_against_twin('cpu', torch.float32, 1, 40, 300, True, O(), 20)\n"
             "t.check_norm_against_twin('cpu', torch.float32, 5, 300, torch.float32, O(2, 128), 21)\n"

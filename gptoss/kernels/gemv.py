@@ -3,6 +3,8 @@ a strip of BLOCK_N output columns over all of K, products summed in fp32.
 
     y = linear_rows(x, w, bias)       # x [M, K] (M <= MAX_ROWS), w [N, K], bias [N] or None -> [M, N]
     t, h, y = rms_norm_linear_rows(x, residual, norm_weight, eps, w, bias)   # the norm fused in, one row
+    h, u = linear_rows_route(x, w, bias, residual, norm_weight, router_weight, sums, zero_next)
+                                      # one row, the MoE router folded in (gptoss.kernels.router_partials)
 
 Used at one row for the attention projections and the router, where cuBLAS's small-M kernels reach
 55-75% of the copy bandwidth: o [2880, 4096] 9.3 us against 14.4, qkv [5120, 2880] 11.5 against 13.3
@@ -36,6 +38,9 @@ from .pdl import pdl_enter
 from .sm_count import sm_count
 
 MAX_ROWS = 2
+# the o GEMV with the router folded in, one strip a program: its router, norm and bias weights loaded
+# before the PDL wait (a switch for scripts/ab_decode.py)
+ROUTE_WEIGHTS_EARLY = True
 ONE_ROW_PATH = True  # one row: the kernel's 2-D variant (a switch for scripts/ab_decode.py)
 
 
@@ -98,26 +103,34 @@ def _store_strip(acc, b_ptr, y_ptr, m, m_mask, n, N, stride_ym, HAS_BIAS: tl.con
 
 
 @triton.jit
-def _store_routed(acc, b_ptr, n, N, r_ptr, nw_ptr, t_ptr, h_ptr, wr_ptr, stride_wr, slot_ptr, E,
-                  HAS_BIAS: tl.constexpr, E_W: tl.constexpr):
-    """ROUTE's epilogue for one row's columns n (acc [BLOCK_N] fp32): y rounded as the unfused kernel
-    stores it, h = r + y and u = nw * h rounded as the unfused norm + residual kernels round them, then
-    the router's partial sums of these columns added into a slot: W_r[e, n] @ u[n] for e < E, and
-    sum(h[n]^2) at E."""
+def _route_weights(n, N, b_ptr, nw_ptr, wr_ptr, stride_wr, E, HAS_BIAS: tl.constexpr, E_R: tl.constexpr):
+    """ROUTE's weights at columns n: bias and norm weight [BLOCK_N] fp32, router [E_R, BLOCK_N]."""
     n_mask = n < N
+    b = tl.zeros(n.shape, tl.float32)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
-    y = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
-    h = (tl.load(r_ptr + n, mask=n_mask, other=0.0).to(tl.float32) + y).to(h_ptr.dtype.element_ty)
+        b = tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+    e = tl.arange(0, E_R)
+    wr = tl.load(wr_ptr + e[:, None] * stride_wr + n[None, :], mask=(e < E)[:, None] & n_mask[None, :], other=0.0)
+    return b, tl.load(nw_ptr + n, mask=n_mask, other=0.0).to(tl.float32), wr
+
+
+@triton.jit
+def _store_routed(acc, b, nw, wr, r, n, N, t_ptr, h_ptr, slot_ptr, E, E_R: tl.constexpr):
+    """ROUTE's epilogue for one row's columns n (acc [BLOCK_N] fp32; b, nw, wr: _route_weights; r the
+    residual there): y rounded as the unfused kernel stores it, h = r + y and u = nw * h rounded as the
+    unfused norm + residual kernels round them, then the router's partial sums of these columns added
+    into a slot: W_r[e, n] @ u[n] for e < E, and sum(h[n]^2) at E."""
+    n_mask = n < N
+    y = (acc + b).to(h_ptr.dtype.element_ty).to(tl.float32)
+    h = (r.to(tl.float32) + y).to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + n, h, mask=n_mask)
     hf = tl.where(n_mask, h.to(tl.float32), 0.0)
-    u = (tl.load(nw_ptr + n, mask=n_mask, other=0.0).to(tl.float32) * hf).to(t_ptr.dtype.element_ty)
+    u = (nw * hf).to(t_ptr.dtype.element_ty)
     tl.store(t_ptr + _chunk_pos(n), u, mask=n_mask)
-    e = tl.arange(0, E_W)
-    wr = tl.load(wr_ptr + e[:, None] * stride_wr + n[None, :], mask=(e < E)[:, None] & n_mask[None, :], other=0.0)
-    p = tl.sum(wr.to(tl.float32) * u.to(tl.float32)[None, :], axis=1)
-    p = tl.where(e == E, tl.sum(hf * hf, axis=0), p)
-    tl.atomic_add(slot_ptr + e, p, mask=e <= E, sem="relaxed")
+    e = tl.arange(0, E_R)
+    tl.atomic_add(slot_ptr + e, tl.sum(wr.to(tl.float32) * u.to(tl.float32)[None, :], axis=1), mask=e < E,
+                  sem="relaxed")
+    tl.atomic_add(slot_ptr + E, tl.sum(hf * hf, axis=0), sem="relaxed")
 
 
 @triton.jit
@@ -126,7 +139,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  NORM: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr, ONE_ROW: tl.constexpr = False,
                  VEC: tl.constexpr = 8, T_CHUNK: tl.constexpr = False, PRE: tl.constexpr = 1,
-                 ROUTE: tl.constexpr = False, E_W: tl.constexpr = 1, SLOTS: tl.constexpr = 1):
+                 ROUTE: tl.constexpr = False, E_W: tl.constexpr = 1, SLOTS: tl.constexpr = 1,
+                 E_R: tl.constexpr = 1, ROUTE_EARLY: tl.constexpr = False):
     # strips of BLOCK_N output columns, pid, pid + P, ...; each K step's weight load is issued before
     # the previous step's math, and past a strip's last step it loads the next strip's first (the
     # load after the last strip fully masked). The weights do not depend on the kernel before: the
@@ -155,6 +169,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
         w2 = _w_tile(w_ptr, n, 2 * BLOCK_K + kk, N, K, stride_wn)
     if PRE >= 4:
         w3 = _w_tile(w_ptr, n, 3 * BLOCK_K + kk, N, K, stride_wn)
+    if ROUTE & ROUTE_EARLY:  # weights: before the wait, with the GEMV's (the epilogue then waits on none)
+        rb, rnw, rwr = _route_weights(n, N, b_ptr, nw_ptr, wr_ptr, stride_wr, E, HAS_BIAS, E_R)
     pdl_enter(PDL)
     if ROUTE:
         if tl.program_id(0) == 0:
@@ -184,8 +200,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
             acc1 = _dot_row(acc1, w3, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, 3 * BLOCK_K + kk, K, rstd, NORM),
                             BLOCK_N, BLOCK_K, VEC)
         if ROUTE:
-            _store_routed(tl.sum(acc1, axis=1), b_ptr, n, N, r_ptr, nw_ptr, t_ptr, h_ptr, wr_ptr, stride_wr,
-                          sums_ptr + (s % SLOTS) * E_W, E, HAS_BIAS, E_W)
+            if not ROUTE_EARLY:
+                rb, rnw, rwr = _route_weights(n, N, b_ptr, nw_ptr, wr_ptr, stride_wr, E, HAS_BIAS, E_R)
+            _store_routed(tl.sum(acc1, axis=1), rb, rnw, rwr, tl.load(r_ptr + n, mask=n < N, other=0.0), n, N,
+                          t_ptr, h_ptr, sums_ptr + (s % SLOTS) * E_W, E, E_R)
         else:
             _store_strip(tl.sum(acc1, axis=1)[None, :], b_ptr, y_ptr, m, m_mask, n, N, stride_ym, HAS_BIAS)
     else:
@@ -219,8 +237,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
             if ONE_ROW:
                 acc = tl.sum(acc1, axis=1)[None, :]
             if ROUTE:
-                _store_routed(tl.sum(acc, axis=0), b_ptr, n, N, r_ptr, nw_ptr, t_ptr, h_ptr, wr_ptr, stride_wr,
-                              sums_ptr + (s % SLOTS) * E_W, E, HAS_BIAS, E_W)
+                rb, rnw, rwr = _route_weights(n, N, b_ptr, nw_ptr, wr_ptr, stride_wr, E, HAS_BIAS, E_R)
+                _store_routed(tl.sum(acc, axis=0), rb, rnw, rwr, tl.load(r_ptr + n, mask=n < N, other=0.0), n, N,
+                              t_ptr, h_ptr, sums_ptr + (s % SLOTS) * E_W, E, E_R)
             else:
                 _store_strip(acc, b_ptr, y_ptr, m, m_mask, n, N, stride_ym, HAS_BIAS)
 
@@ -249,6 +268,7 @@ def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False, 
         BLOCK_N=opts.block_n, BLOCK_K=opts.block_k, HAS_BIAS=bias is not None, NORM=norm is not None,
         KP=triton.next_power_of_2(K), ONE_ROW=one_row, VEC=min(8, opts.block_k), T_CHUNK=t_chunk, PRE=pre,
         ROUTE=route is not None, E_W=e_w, SLOTS=sums.shape[0] if route is not None else 1,
+        E_R=triton.next_power_of_2(wr.shape[0]), ROUTE_EARLY=ROUTE_WEIGHTS_EARLY and pre > 1,
         num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
 
 

@@ -23,7 +23,7 @@ alone gains nothing; in the batch-1 step the change is within run-to-run variati
 and writes topk_ids / topk_weights for down) or `partial_routing`'s: the router folded into the o
 projection (gptoss.kernels.router_partials), whose partial sums gate_up and down finish into the
 logits and the norm's rstd themselves, x then being u = norm weight * h, which gate_up's row sums
-scale by the rstd; no router kernel runs (H100, batch-1 step: 1.706 against 1.730 ms). w1 / w2 are
+scale by the rstd; no router kernel runs (H100, batch-1 step: 1.676 against 1.725 ms). w1 / w2 are
 "fragments" weights whose block scales all fit one multiply (`MXFP4Weight.upcast_mode == 2`: scales <= 128, true of the random checkpoints and, by
 their magnitudes, of gpt-oss's). `supported(w)` says whether a backend may call these; the "triton"
 backend does at one token (`moe.triton_backends.TOKEN_KERNELS`).
@@ -390,8 +390,9 @@ def _key_topk(lg, j, ids_ptr, topk_w_ptr, store, TOP_K: tl.constexpr, E_PAD: tl.
     """The j-th of the top-k of one warp's logits lg [E_PAD <= 32] (each warp holds a copy); store: also
     write topk_ids / topk_weights. TOP_K rounds of one max over _order_key's keys, shuffles within the
     warp only: this runs before every program's first weight load, and a max plus an argmin a round,
-    or a rank for every expert, took 2-4x the shuffles (H100, batch-1 step: 1.831 ms with ranks of a
-    [64, 64] tile against 1.706 with this, 1.676 with the experts fixed and nothing read)."""
+    or a rank for every expert, took 2-4x the shuffles (H100, batch-1 step with o's router weights
+    loaded after its wait: 1.831 ms with ranks of a [64, 64] tile, 1.715 with a max and an argmin a
+    round, 1.706 with this, 1.676 with the experts fixed and nothing read)."""
     key = _order_key(lg, tl.arange(0, E_PAD))
     kk = tl.arange(0, K_PAD)
     ids = tl.zeros((K_PAD,), tl.int32)
