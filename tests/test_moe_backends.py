@@ -716,28 +716,34 @@ def test_fragments_match_twins_gpu(T, block_m):
                     E=32, k=4, H=2880, I=2880, tol=(5e-3, 5e-4), scale_shift=12)
 
 
-def check_router_partials(G, R, T_, g, device, E, start, n_local, H, I, opts):
-    """moe_token's GEMMs routed by the router's partial sums (router_partials) against the same
-    GEMMs routed by the logits those sums finish into, on x = u * rstd. The sums sit in one slot
-    and the norm's eps is 0 with sum(h^2) = H * 4^s, so rstd = 2^-s exactly: u * rstd is exact in
-    bf16, both ways take the same products, and the outputs must be equal. The logits are quarters
-    (exact in bf16: the interpreter's cast truncates where the GPU's rounds)."""
+def exact_partials(E: int, H: int, local: int, g: torch.Generator, device):
+    """Router partial sums whose finishing is exact (router_partials): (partials, u [1, H], x = u * rstd,
+    logits [1, E]). The sums sit in one slot and the norm's eps is 0 with sum(h^2) = H * 4^3, so rstd
+    = 2^-3 and u * rstd is exact in bf16; the logits are quarters (exact in bf16: the interpreter's
+    cast truncates where the GPU's rounds), expert `local` first."""
     from gptoss.kernels import router_partials as RP
-    k = 4
-    w = slice_weights(random_weights(MoESpec(E, k, H, I), g, device), experts=slice(start, start + n_local))
-    w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2", True)
-    w2 = G.prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, "bf16x2", True)
-    b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
-    u = torch.randn(1, H, generator=g, device=device).bfloat16()
     sums = RP.new_sums(E, device)
     sums[0, :E] = 2.0 * (torch.randperm(E, generator=g, device=device) - E // 2)
-    sums[0, start + n_local - 1] = sums[0, :E].max() + 8  # a local expert on every rank
+    sums[0, local] = sums[0, :E].max() + 8
     sums[0, E] = H * 4.0 ** 3
     bias = 0.25 * torch.randint(-4, 5, (E,), generator=g, device=device)
     p = RP.RouterPartials(sums, bias.bfloat16(), 0.0, H, E)
     lg, rstd = RP.finish_logits_torch(p)
     assert rstd.item() == 2 ** -3
-    x = (u.float() * rstd).bfloat16()
+    u = torch.randn(1, H, generator=g, device=device).bfloat16()
+    return p, u, (u.float() * rstd).bfloat16(), lg
+
+
+def check_router_partials(G, R, T_, g, device, E, start, n_local, H, I, opts):
+    """moe_token's GEMMs routed by the router's partial sums (router_partials) against the same
+    GEMMs routed by the logits those sums finish into, on x = u * rstd (exact_partials: both ways take
+    the same products, and the outputs must be equal)."""
+    k = 4
+    w = slice_weights(random_weights(MoESpec(E, k, H, I), g, device), experts=slice(start, start + n_local))
+    w1 = G.prepare_mxfp4_weight(w.gate_up_blocks, w.gate_up_scales, 0, False, "bf16x2", True)
+    w2 = G.prepare_mxfp4_weight(w.down_blocks, w.down_scales, 0, False, "bf16x2", True)
+    b1, b2 = w.gate_up_bias.float(), w.down_bias.float()
+    p, u, x, lg = exact_partials(E, H, start + n_local - 1, g, device)
     for up_opts, down_opts in opts:
         r = R.inline_routing(lg, k, start, n_local)
         out = torch.full((1, H), float("nan"), device=device)
@@ -760,6 +766,24 @@ def test_token_kernels_take_router_partials(interp):
     for i, (E, start, n_local) in enumerate(((8, 0, 8), (8, 4, 4), (40, 8, 16))):
         check_router_partials(interp.gemm, interp.routing, T_, torch.Generator().manual_seed(60 + i), "cpu", E, start,
                               n_local, 64, 64, opts)
+
+
+def test_triton_backend_takes_router_partials_interpreted(interp):
+    """forward_sum with the router's partial sums (the model's batch-1 path) against the torch backend
+    on the logits they finish into; only one token in the chunk order is taken."""
+    from gptoss.kernels import moe_token as T_
+    spec = MoESpec(num_experts=8, top_k=4, hidden_size=64, intermediate_size=64)
+    g = torch.Generator().manual_seed(70)
+    w = random_weights(spec, g)
+    m = interp.backends.TritonMoE(w, spec, torch.bfloat16)
+    assert m.takes_router_partials(1) and not m.takes_router_partials(2)
+    p, u, x, lg = exact_partials(8, 64, 3, g, "cpu")
+    out = m.forward_sum(T_.chunk_order(u), None, x_chunk_order=True, router_partials=p)
+    assert_backend_close(out, torch_backend(w, spec).forward(x, lg), "bf16")
+    with pytest.raises(ValueError, match="one token in the chunk order"):
+        m.forward_sum(u, None, router_partials=p)
+    with pytest.raises(ValueError, match="one token in the chunk order"):
+        m.forward_sum(T_.chunk_order(torch.cat([u, u])), None, x_chunk_order=True, router_partials=p)
 
 
 def test_router_partials_only_where_a_backend_takes_them():

@@ -277,7 +277,10 @@ def _check(router_logits, top_k, expert_start, num_local_experts, opts):
     if router_logits.dim() != 2 or router_logits.stride(-1) != 1:
         raise ValueError(f"router_logits must be [tokens, experts] with contiguous rows, got "
                          f"{tuple(router_logits.shape)} strides {router_logits.stride()}")
-    E = router_logits.shape[1]
+    _check_experts(router_logits.shape[1], top_k, expert_start, num_local_experts, opts)
+
+
+def _check_experts(E, top_k, expert_start, num_local_experts, opts):
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={E}]")
     if not (0 <= expert_start and num_local_experts >= 1 and expert_start + num_local_experts <= E):
@@ -349,8 +352,7 @@ def partial_routing(partials: RouterPartials, top_k: int, expert_start: int, num
                     opts: RoutingOptions = RoutingOptions()) -> Routing:
     """inline_routing's Routing for a router folded into the o projection (gptoss.kernels.router_partials):
     moe_token's gate_up and down finish the partial sums into the logits themselves."""
-    E = partials.num_experts
-    _check(partials.sums.new_empty(1, E), top_k, expert_start, num_local_experts, opts)
+    _check_experts(partials.num_experts, top_k, expert_start, num_local_experts, opts)
     return _one_token(partials.sums.device, top_k, expert_start, num_local_experts, opts, partials=partials)
 
 

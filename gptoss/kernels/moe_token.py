@@ -531,8 +531,8 @@ def _check(w: MXFP4Weight, routing: Routing, who: str) -> None:
 
 
 def _router_args(routing: Routing) -> tuple[tuple, dict]:
-    """The kernels' (logits_ptr, rb_ptr, hidden, eps) and (E_PAD, PARTIALS): the logits, or the router's
-    partial sums with what finishes them."""
+    """The kernels' (logits_ptr, rb_ptr, hidden, eps) and constexprs (E_PAD, PARTIALS, P_W): the logits,
+    or the router's partial sums with what finishes them."""
     p = routing.partials
     if p is None:
         lg = routing.logits
