@@ -7,7 +7,9 @@ program of the o GEMV, which owns a few columns n of h, adds W_r[:, n] @ (g * h)
 into float32 sums (`gemv.linear_rows_route`), and whoever routes finishes them: rstd from the sum of
 squares, logits = rstd * sums + b rounded to the logits' bf16 as the router GEMV stores them
 (`_finish_logits`). The MoE's input is u = g * h (bf16, moe_token's chunk order), and gate_up
-multiplies its rows' sums by rstd, so no kernel writes t itself.
+multiplies its rows' sums by rstd, so no kernel writes t itself. H100, 20b batch-1 step (graph
+replays, `scripts/ab_decode.py --replay --switch ROUTER_IN_O`): 1.676 ms against 1.725 with the
+router kernel; what decides it is how cheaply the MoE kernels finish the sums (moe_token._key_topk).
 
     sums [SLOTS, width(E)] float32, zero before the o GEMV: row s takes the atomics of the o programs
         p with p % SLOTS == s (fewer atomics a cell, so they do not queue at the end of o); column e < E
