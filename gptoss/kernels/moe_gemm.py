@@ -544,13 +544,21 @@ def _ranked_pick(lg, rank, ids_ptr, w_ptr, pid_m, store, TOP_K: tl.constexpr, E_
     """The expert of rank pid_m, given every expert's logit lg [E_PAD] and rank (the experts ahead of
     it); store: also write the token's topk_ids / topk_weights (its softmax)."""
     offs = tl.arange(0, E_PAD)
-    if store:  # the routing kernel's [2, K_PAD] tiles (row 1 padding), its weights and its store
+    if store:
         sel = rank[:, None] == tl.arange(0, K_PAD)[None, :]  # [E_PAD, K_PAD]
-        row0 = tl.arange(0, 2)[:, None] == 0
-        ids = tl.where(row0, tl.sum(tl.where(sel, offs[:, None], 0), axis=0)[None, :], 0)
-        vals = tl.where(row0, tl.sum(tl.where(sel, lg[:, None], 0.0), axis=0)[None, :], float("-inf"))
-        _store_topk(ids, _topk_weights(vals, TOP_K, K_PAD), ids_ptr, w_ptr, 1, 0, 2, TOP_K, K_PAD)
+        _store_token_topk(tl.sum(tl.where(sel, offs[:, None], 0), axis=0),
+                          tl.sum(tl.where(sel, lg[:, None], 0.0), axis=0), ids_ptr, w_ptr, TOP_K, K_PAD)
     return tl.sum(tl.where(rank == pid_m, offs, 0), axis=0)
+
+
+@triton.jit
+def _store_token_topk(ids, vals, ids_ptr, w_ptr, TOP_K: tl.constexpr, K_PAD: tl.constexpr):
+    """One token's topk_ids / topk_weights (the softmax of vals) from its k experts and logits [K_PAD]:
+    through the routing kernel's [2, K_PAD] tiles (row 1 padding), its weights and its store."""
+    row0 = tl.arange(0, 2)[:, None] == 0
+    _store_topk(tl.where(row0, ids[None, :], 0),
+                _topk_weights(tl.where(row0, vals[None, :], float("-inf")), TOP_K, K_PAD),
+                ids_ptr, w_ptr, 1, 0, 2, TOP_K, K_PAD)
 
 
 @triton.jit

@@ -58,8 +58,8 @@ import triton.language as tl
 
 from . import pdl
 from .moe_gemm import (_UPCAST_PTX, INTERPRETED, _bf16_of, _bf16x2_pairs, _inline_rows, _inline_topk, _ranked_pick,
-                       _store_cast)
-from .moe_routing import Routing, _store_topk, _topk_weights
+                       _store_cast, _store_token_topk)
+from .moe_routing import Routing
 from .moe_weights import MXFP4Weight
 from .pdl import pdl_enter
 from .router_partials import SLOTS, _finish_logits, width
@@ -406,10 +406,7 @@ def _key_topk(lg, j, ids_ptr, topk_w_ptr, store, TOP_K: tl.constexpr, E_PAD: tl.
         vals = tl.where(kk == r, _key_value(top), vals)
         key = tl.where(key == top, -2147483647 - 1, key)
     if store:
-        row0 = tl.arange(0, 2)[:, None] == 0  # _store_topk's [2, K_PAD] tiles, row 1 padding
-        _store_topk(tl.where(row0, ids[None, :], 0), _topk_weights(tl.where(row0, vals[None, :], float("-inf")),
-                                                                   TOP_K, K_PAD),
-                    ids_ptr, topk_w_ptr, 1, 0, 2, TOP_K, K_PAD)
+        _store_token_topk(ids, vals, ids_ptr, topk_w_ptr, TOP_K, K_PAD)
     return e
 
 
