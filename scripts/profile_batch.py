@@ -78,7 +78,7 @@ def main():
         # the graph alone, replayed back to back: the GPU's share of a step
         reps = [float("nan")]
         if runner.graphs is not None:
-            g, _ = runner.graphs.graphs[next(s for s in runner.graphs.sizes if s >= B)]
+            g, _ = runner.graphs.graphs[next(s for s in runner.graphs.sizes if s >= B)][0]
             g.replay()
             sync()
             reps = []

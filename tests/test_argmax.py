@@ -1,5 +1,6 @@
 """The decode graphs' argmax kernel (kernels.argmax) against torch's argmax: ties go to the lower
-index, signed zeros tie, all -inf rows give 0, and the scratch puts itself back after every call.
+index, signed zeros tie, all -inf rows give 0, the scratch puts itself back after every call, and a
+second output (pinned host memory on the GPU) gets the same indices.
 
 CPU: Triton's interpreter in a child process; GPU (@pytest.mark.gpu): the 20b vocabulary, in and out
 of a CUDA graph."""
@@ -30,8 +31,11 @@ def check(cases, device, rounds=2):
         for _ in range(rounds):
             x = fresh(R, V, dt, g, device)
             out = torch.full((R,), -1, dtype=torch.int64, device=device)
-            row_argmax(x, out, sc)
+            also = torch.full((R,), -1, dtype=torch.int64, pin_memory=device == "cuda")  # host, as the graphs'
+            row_argmax(x, out, sc, also if R > 1 else None)
             assert torch.equal(out, x.argmax(-1)), (R, V, dt, out.tolist(), x.argmax(-1).tolist())
+            if R > 1:
+                assert also.tolist() == out.tolist()
             assert (sc[1] == 0).all() and (sc[0] == torch.iinfo(torch.int64).min).all(), "scratch not put back"
     x = torch.full((2, 300), float("-inf"), device=device)
     out = torch.empty(2, dtype=torch.int64, device=device)
@@ -53,6 +57,8 @@ def test_argmax_rejects_bad_buffers():
         row_argmax(x, torch.empty(3, dtype=torch.int32), argmax_scratch(3, "cpu"))
     with pytest.raises(ValueError, match=">= 3 rows"):
         row_argmax(x, torch.empty(3, dtype=torch.int64), argmax_scratch(2, "cpu"))
+    with pytest.raises(ValueError, match="also must be int64"):
+        row_argmax(x, torch.empty(3, dtype=torch.int64), argmax_scratch(3, "cpu"), torch.empty(2, dtype=torch.int64))
 
 
 @pytest.mark.gpu
@@ -69,9 +75,11 @@ def test_argmax_matches_torch_gpu():
     sc = argmax_scratch(4, "cuda")
     row_argmax(x, out, sc)
     graph = torch.cuda.CUDAGraph()
+    host = torch.full((4,), -1, dtype=torch.int64, pin_memory=True)
     with torch.cuda.graph(graph):
-        row_argmax(x, out, sc)
+        row_argmax(x, out, sc, host)
     for _ in range(3):
         x.copy_(ns["fresh"](4, 201088, torch.bfloat16, g, "cuda"))
         graph.replay()
-        assert torch.equal(out, x.argmax(-1))
+        torch.cuda.synchronize()
+        assert torch.equal(out, x.argmax(-1)) and host.tolist() == out.tolist()

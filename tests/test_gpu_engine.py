@@ -47,11 +47,24 @@ def test_triton_graphs_match_eager_and_torch(tiny_ckpt, prompts):
 
 
 def test_bf16_batch_invariance(tiny_ckpt, prompts):
+    """A prompt's first token does not depend on what else is in the batch, up to near-ties: on random
+    weights the top two logits are often within bf16 rounding of each other, and a batched prefill
+    rounds differently (other tiles), so every prompt whose first token differs must have had a near-tie
+    there: the token it takes alone within 0.5 of the batched run's best logprob (measured: at most
+    0.31; a batching bug, another sequence's keys or rows, moves logprobs by whole units)."""
     llm = LLM(str(tiny_ckpt), device="cuda", max_model_len=1024, progress=False, kv_cache_memory_bytes=1 << 30)
     batch = _tokens(llm, prompts)
     alone = [_tokens(llm, [p])[0] for p in prompts]
     print(f"batch vs alone: {_agree(batch, alone):.2f} whole, {_first_agree(batch, alone):.2f} first")
-    assert _first_agree(batch, alone) >= 0.95
+    sp = SamplingParams(temperature=0, max_tokens=1, logprobs=5, ignore_eos=True)
+    differ = [i for i, (a, b) in enumerate(zip(alone, batch)) if a[0] != b[0]]
+    gaps = []
+    for i, out in zip(differ, llm.generate([prompts[i] for i in differ] + prompts[:8], sp, use_tqdm=False)):
+        lp = out.outputs[0].logprobs[0]  # the batched run's top 5 (batched with 8 more prompts)
+        best = max(v.logprob for v in lp.values())
+        gaps.append(best - lp[alone[i][0]].logprob if alone[i][0] in lp else float("inf"))
+    print("first-token gaps where batch and alone differ:", [round(g, 4) for g in gaps])
+    assert _first_agree(batch, alone) >= 0.85 and all(g <= 0.5 for g in gaps), gaps
 
 
 def test_fp8_kv_cache_runs_close_to_bf16(tiny_ckpt, prompts):
@@ -98,6 +111,27 @@ def test_pdl_decode_graphs_match_plain_graphs(tiny_ckpt, prompts, monkeypatch):
     t_on = [_tokens(on, [p], 16)[0] for p in prompts[:8]]
     t_off = [_tokens(off, [p], 16)[0] for p in prompts[:8]]
     print(f"pdl vs plain graphs: {_agree(t_on, t_off):.2f} whole, {_first_agree(t_on, t_off):.2f} first")
+    assert _first_agree(t_on, t_off) == 1.0 and _agree(t_on, t_off) >= 0.75
+
+
+def test_in_place_decode_graphs_match_copied_steps(tiny_ckpt, prompts, monkeypatch):
+    """Small buckets read their packed steps from pinned host memory and write their argmax there,
+    a graph for each half of the buffers in turn: one and three sequences at a time they must give
+    the tokens of graphs whose steps are copied up and down (a half read before it was packed, or a
+    token read from the wrong half, would derail every prompt)."""
+    from gptoss.engine import cuda_graphs
+    kw = dict(device="cuda", moe_backend="triton", max_model_len=1024, progress=False, kv_cache_memory_bytes=1 << 30)
+    on = LLM(str(tiny_ckpt), **kw)
+    graphs = on.engine.runner.graphs
+    assert graphs.in_place == [b for b in graphs.sizes if b <= cuda_graphs.IN_PLACE_MAX_BATCH]
+    assert all(len(graphs.graphs[b]) == (2 if b in graphs.in_place else 1) for b in graphs.sizes)
+    monkeypatch.setattr(cuda_graphs, "IN_PLACE_MAX_BATCH", 0)
+    off = LLM(str(tiny_ckpt), **kw)
+    assert off.engine.runner.graphs.in_place == []
+    t_on = [_tokens(on, [p], 16)[0] for p in prompts[:8]] + _tokens(on, prompts[8:11], 16)
+    assert graphs.written is not None and graphs.written.shape == (3,)  # the last replay was in place
+    t_off = [_tokens(off, [p], 16)[0] for p in prompts[:8]] + _tokens(off, prompts[8:11], 16)
+    print(f"in place vs copied steps: {_agree(t_on, t_off):.2f} whole, {_first_agree(t_on, t_off):.2f} first")
     assert _first_agree(t_on, t_off) == 1.0 and _agree(t_on, t_off) >= 0.75
 
 

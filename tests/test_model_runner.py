@@ -33,8 +33,8 @@ def _step(rng, swa: bool, bs: int = 4):
 @pytest.mark.parametrize("swa,pending", [(False, False), (True, False), (False, True)])
 def test_pack_matches_a_per_token_reference(swa, pending):
     rng = random.Random(int(swa))
-    runner = object.__new__(ModelRunner)  # _pack / unpack need only these three
-    runner.block_size, runner.device, runner.kv_caches = 4, torch.device("cpu"), []
+    runner = object.__new__(ModelRunner)  # _pack / unpack need only these four
+    runner.block_size, runner.device, runner.kv_caches, runner.graphs = 4, torch.device("cpu"), [], None
     out = _step(rng, swa)
     all_ids = {r.request_id: r.all_token_ids for r in out.requests}
     prev = None
@@ -80,7 +80,7 @@ def test_pack_matches_a_per_token_reference(swa, pending):
 def test_cached_tables_follow_every_change_the_kv_manager_makes():
     from gptoss.engine.kv_cache import KVCacheManager
     runner = object.__new__(ModelRunner)
-    runner.block_size, runner.device, runner.kv_caches = 4, torch.device("cpu"), []
+    runner.block_size, runner.device, runner.kv_caches, runner.graphs = 4, torch.device("cpu"), [], None
     pool = KVCacheManager(256, 4, enable_prefix_caching=True, window=8, num_swa_blocks=32)
     r = Request("r", list(range(100, 130)), SamplingParams())
 
@@ -128,7 +128,7 @@ def test_pinned_step_buffers_are_not_refilled_under_a_pending_copy():
     # copy out of the other one may still run must leave that step's device tensor as it was packed
     rng = random.Random(3)
     cpu = object.__new__(ModelRunner)
-    cpu.block_size, cpu.device, cpu.kv_caches = 4, torch.device("cpu"), []
+    cpu.block_size, cpu.device, cpu.kv_caches, cpu.graphs = 4, torch.device("cpu"), [], None
     gpu = ModelRunner.__new__(ModelRunner)
     gpu.block_size, gpu.device, gpu.kv_caches = 4, torch.device("cuda"), []
     gpu._host_steps, gpu.graphs = _HostBuffers(gpu.device), None
@@ -174,15 +174,21 @@ from gptoss.kernels.decode_inputs import decode_inputs
 from test_model_runner import _decode_step
 rng = random.Random({int(swa) * 2 + int(pending)})
 runner = object.__new__(ModelRunner)
-runner.block_size, runner.device, runner.kv_caches = 4, torch.device("cpu"), []
+runner.block_size, runner.device, runner.kv_caches, runner.graphs = 4, torch.device("cpu"), [], None
+import gptoss.kernels.decode_inputs as D
 rows, width = 8, 16
 i64 = dict(dtype=torch.int64)
-for B in (1, 5, 8):
+# BLOCK_F 512: the step unpacked from its first load (in a buffer of 512, as the graphs' are at least);
+# 16: read in parts (BLOCK_W 4: tables over several blocks)
+for bf, bw, B in ((512, 256, 1), (512, 256, 5), (512, 256, 8), (16, 256, 1), (16, 256, 5), (16, 4, 5), (16, 4, 8)):
+    D.BLOCK_W, D.BLOCK_F = bw, bf
     out, s_prev = _decode_step(rng, B, {swa}, {pending})
-    header, flat, _ = runner._pack(out)
+    header, packed, _ = runner._pack(out)
+    flat = torch.cat([packed, torch.randint(-99, 99, (max(0, 512 - packed.numel()),))])  # junk past the step
+    assert bf == 16 or packed.numel() <= 512
     assert header[0] == header[1] == header[3] == B and header[4] == 1
     prev = torch.tensor([rng.randrange(1000) for _ in range(s_prev)])
-    ids_ref, pos_ref, ctx = runner.unpack(header, flat.clone(), prev)
+    ids_ref, pos_ref, ctx = runner.unpack(header, packed.clone(), prev)
     tokens = torch.cat([prev, torch.full((rows,), -7, **i64)])
     junk = lambda *shape, dt=torch.int64: torch.randint(-99, 99, shape, dtype=dt)
     ids, pos, slots, swa_slots = junk(rows), junk(rows), junk(rows), junk(rows)
@@ -220,13 +226,18 @@ def test_profile_run_keeps_each_sequence_within_max_model_len(tiny_llm, monkeypa
 
 
 class _TwinGraphs:
-    """DecodeGraphs' contract with the runner, on CPU: the step arrives in `flat` (rank 0 uploads it
-    there), pending tokens are read from `tokens` (copied in unless they are its own), and a replay
-    leaves every row's argmax in `tokens`. The model runs eagerly, as the graph's kernels would."""
+    """DecodeGraphs' contract with the runner, on CPU: the step arrives where upload puts it (`flat`,
+    or in place: the host half staging handed out, halves taken in turn), pending tokens are read
+    from `tokens` (copied in unless they are its own), and a replay leaves every row's argmax in
+    `tokens` (in place, also in its half of the host tokens, handed on as `written`). The model runs
+    eagerly, as the graph's kernels would."""
 
-    def __init__(self, runner, max_batch: int):
+    def __init__(self, runner, max_batch: int, in_place: bool = False):
         self.runner, self.sizes, self.replays, self.copies = runner, [max_batch], 0, 0
+        self.in_place, self.turn, self.written = in_place, 0, None
         self.flat = torch.zeros(1 << 16, dtype=torch.int64)
+        self.host_flat = torch.full((2, 1 << 16), -7, dtype=torch.int64)  # stale until packed
+        self.host_tokens = torch.full((2, max_batch), -1, dtype=torch.int64)
         self.tokens = torch.full((max_batch,), -1, dtype=torch.int64)
 
     def fits(self, n: int) -> bool:
@@ -235,9 +246,20 @@ class _TwinGraphs:
     def holds(self, tokens) -> bool:
         return tokens is not None and tokens.data_ptr() == self.tokens.data_ptr()
 
+    def staging(self, num_seqs, n):
+        return self.host_flat[self.turn, :n] if self.in_place else None
+
+    def upload(self, host):
+        if self.in_place:
+            assert host.data_ptr() == self.host_flat[self.turn].data_ptr(), "packed where the replay reads"
+            return host
+        self.flat[:host.numel()].copy_(host)
+        return self.flat[:host.numel()]
+
     def run(self, header, flat, prev=None):
         from gptoss.engine.forward_context import set_forward_context
-        assert flat.data_ptr() == self.flat.data_ptr(), "rank 0 uploads a replayed step into the graphs' buffer"
+        src = self.host_flat[self.turn] if self.in_place else self.flat
+        assert flat.data_ptr() == src.data_ptr(), "rank 0 uploads a replayed step where the graph reads it"
         if header[7] and not self.holds(prev):
             self.tokens[:prev.numel()].copy_(prev)
             self.copies += 1
@@ -245,21 +267,29 @@ class _TwinGraphs:
         with set_forward_context(ctx):
             logits = self.runner.model(ids, pos, logits=True)
         self.tokens[:header[1]] = logits.argmax(-1)
+        self.written = None
+        if self.in_place:
+            self.host_tokens[self.turn, :header[1]] = logits.argmax(-1)
+            self.written = self.host_tokens[self.turn, :header[1]]
+            self.host_flat[self.turn] = -7  # the half is free again: what the runner reads must be packed anew
+            self.turn ^= 1
         self.replays += 1
         return logits
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_replayed_steps_take_their_inputs_and_argmax_from_the_graphs(tiny_ckpt, greedy):
+@pytest.mark.parametrize("greedy,in_place", [(True, False), (False, False), (True, True), (False, True)])
+def test_replayed_steps_take_their_inputs_and_argmax_from_the_graphs(tiny_ckpt, greedy, in_place):
     # async scheduling hands each replay the step before's tokens: the graphs' own argmax when every
-    # row was greedy (read in place), else the sampler's (copied in); the tokens must be the eager ones
+    # row was greedy (read in place), else the sampler's (copied in); the tokens must be the eager ones.
+    # in_place: steps packed straight into the host half the replay reads, greedy tokens read back
+    # from the host tokens the replay wrote (the twin clobbers a half once replayed)
     from gptoss import LLM
     sp = SamplingParams(temperature=0 if greedy else 0.8, seed=None if greedy else 5, max_tokens=12, ignore_eos=True)
     prompts = [{"prompt_token_ids": [3 + i, 50, 7 * i + 1, 90]} for i in range(3)]
     llm = LLM(str(tiny_ckpt), dtype="float32", device="cpu", max_model_len=256, max_num_seqs=4, progress=False)
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     runner = llm.engine.runner
-    runner.graphs = twin = _TwinGraphs(runner, 4)
+    runner.graphs = twin = _TwinGraphs(runner, 4, in_place)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
     one = llm.generate(prompts[1], sp, use_tqdm=False)[0].outputs[0].token_ids
     runner.graphs = None

@@ -20,10 +20,12 @@ class PendingTokens:
     """A step's sampled tokens on their way to the host: the copy is queued behind the step and
     read when the engine gets to it, so the host can schedule and launch the next step meanwhile."""
 
-    def __init__(self, tokens: torch.Tensor, host: torch.Tensor):
+    def __init__(self, tokens: torch.Tensor, host: torch.Tensor, written: bool = False):
+        """written: the step writes its tokens into `host` itself (an in-place replay's argmax): no copy."""
         self.tokens = tokens  # int64 [S] on the device: the next step's inputs gather from it
         self.host = host[:tokens.shape[0]]
-        self.host.copy_(tokens, non_blocking=True)
+        if not written:
+            self.host.copy_(tokens, non_blocking=True)
         self.event = None
         if tokens.is_cuda:
             self.event = torch.cuda.Event()
@@ -140,7 +142,10 @@ class ModelRunner:
         header = [T, B, width, S, max(ns), max(ends), int(swa), P]
         sizes = step_sizes(header)
         n = sum(sizes)  # on CPU, _upload hands on this tensor itself: a fresh one, never refilled
-        host = self._host_steps.take(n) if self.device.type == "cuda" else torch.empty(n, dtype=torch.int64)
+        # a replay of a small bucket reads the step where it is packed (DecodeGraphs.staging)
+        host = self.graphs.staging(B, n) if self._replays(header) else None
+        if host is None:
+            host = self._host_steps.take(n) if self.device.type == "cuda" else torch.empty(n, dtype=torch.int64)
         flat = host.numpy()
         flat.fill(0)
         _, ids, pos, slots, qsl_out, seq_lens, rows_out, tables, swa_slots, pending = \
@@ -168,13 +173,10 @@ class ModelRunner:
         return header, host, samplers
 
     def _upload(self, header: list[int], host: torch.Tensor) -> torch.Tensor:
-        """The packed step on the device: straight into the decode graphs' own buffer when one replays it."""
-        if self._replays(header):
-            dev = self.graphs.flat[:host.numel()]
-            dev.copy_(host, non_blocking=True)
-        else:
-            dev = host.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
+        """The packed step where the forward reads it: where the decode graphs read it when one replays
+        it (their own device buffer, or the pinned half it was packed in), else on the device."""
+        dev = self.graphs.upload(host) if self._replays(header) else host.to(self.device, non_blocking=True)
+        if self.device.type == "cuda" and dev.data_ptr() != host.data_ptr():
             self._host_steps.copied()
         return dev
 
@@ -214,7 +216,8 @@ class ModelRunner:
 
     def _logits(self, out: SchedulerOutput, prev: PendingTokens | None
                 ) -> tuple[list[Request], torch.Tensor | None, torch.Tensor | None]:
-        """-> (the rows that sample, their logits, their argmax when a graph replayed the step, else None)."""
+        """-> (the rows that sample, their logits, their argmax when a graph replayed the step, else None;
+        the replay's host copy of it, if it wrote one, in self.graphs.written)."""
         t0 = time.perf_counter()
         header, host, samplers = self._pack(out)
         self.pack_seconds += time.perf_counter() - t0
@@ -244,6 +247,9 @@ class ModelRunner:
         # a replay's argmax stays where the next replay reads its pending tokens (DecodeGraphs.holds)
         use_argmax = argmax is not None and greedy_only(samplers)
         tokens = argmax if use_argmax else sample_on_device(logits, samplers, self.generator)
+        written = self.graphs.written if use_argmax else None  # an in-place replay's tokens, already on the host
+        if written is not None:
+            return samplers, PendingTokens(tokens, written, written=True)
         pending = PendingTokens(tokens, self._host_tokens.take(tokens.numel()))
         self._host_tokens.copied()
         return samplers, pending
@@ -252,8 +258,9 @@ class ModelRunner:
         """Under TP every rank captures the same buckets in the same order (the all-reduces inside
         pair up); only rank 0 needs the unembedding in its graphs."""
         from .cuda_graphs import DecodeGraphs
+        # rank 0 of a TP group broadcasts each step from the device: no steps read in place there
         self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch, max_model_len, self.block_size, swa,
-                                   self.device, with_logits)
+                                   self.device, with_logits, in_place=self.group is None)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int, max_len: int) -> None:

@@ -1,6 +1,7 @@
 """The argmax of each row of the logits (greedy decoding) inside the decode CUDA graph, in one kernel.
 
     row_argmax(logits, out, scratch)        # out[r] = the first index of row r's largest value
+    row_argmax(logits, out, scratch, also)  # and also[r] (another int64 [R], e.g. pinned host memory)
 
 torch's argmax of one 201,088-wide row is a memset and a reduction, 9 us of a batch-1 step on an H100,
 outside the graph. Here up to one program per BLOCK values of a row (fewer as rows grow) each reduce
@@ -27,7 +28,8 @@ BLOCK = 2048  # values a program reads a step
 
 
 @triton.jit
-def _row_argmax_kernel(x_ptr, out_ptr, keys_ptr, counts_ptr, V, stride_x, per, splits, BLOCK: tl.constexpr):
+def _row_argmax_kernel(x_ptr, out_ptr, also_ptr, keys_ptr, counts_ptr, V, stride_x, per, splits,
+                       BLOCK: tl.constexpr, ALSO: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
     lo = s * per
@@ -51,7 +53,10 @@ def _row_argmax_kernel(x_ptr, out_ptr, keys_ptr, counts_ptr, V, stride_x, per, s
     if tl.atomic_add(counts_ptr + r, 1, sem="acq_rel") == splits - 1:  # the row's last program
         final = tl.atomic_xchg(keys_ptr + r, -9223372036854775807 - 1, sem="relaxed")
         tl.atomic_xchg(counts_ptr + r, 0, sem="relaxed")
-        tl.store(out_ptr + r, 4294967295 - (final & 4294967295))
+        index = 4294967295 - (final & 4294967295)
+        tl.store(out_ptr + r, index)
+        if ALSO:
+            tl.store(also_ptr + r, index)
 
 
 def argmax_scratch(rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,19 +65,24 @@ def argmax_scratch(rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return keys, torch.zeros(rows, dtype=torch.int32, device=device)
 
 
-def row_argmax(x: torch.Tensor, out: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def row_argmax(x: torch.Tensor, out: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor],
+               also: torch.Tensor | None = None) -> torch.Tensor:
     """x [R, V] (any float dtype, rows contiguous) -> out int64 [R]: the first index of each row's maximum.
-    scratch: argmax_scratch(>= R rows), not used by another call at the same time."""
+    scratch: argmax_scratch(>= R rows), not used by another call at the same time. also: a second int64
+    [R] the indices are written to (the decode graphs' pinned host tokens, read by the host in place)."""
     R, V = x.shape
     keys, counts = scratch
     if out.shape != (R,) or out.dtype != torch.int64 or x.stride(-1) != 1 or keys.numel() < R:
         raise ValueError(f"row_argmax: x {tuple(x.shape)} needs contiguous rows, out int64 [{R}] (got "
                          f"{tuple(out.shape)} {out.dtype}) and scratch of >= {R} rows (got {keys.numel()})")
+    if also is not None and (also.shape != (R,) or also.dtype != torch.int64):
+        raise ValueError(f"row_argmax: also must be int64 [{R}] like out, got {tuple(also.shape)} {also.dtype}")
     if R and V:
         splits = min(triton.cdiv(V, BLOCK), max(8, 4 * sm_count(x.device) // R))
         per = triton.cdiv(V, splits)
         splits = triton.cdiv(V, per)  # none empty
-        _row_argmax_kernel[(R, splits)](x, out, keys, counts, V, x.stride(0), per, splits, BLOCK=BLOCK, num_warps=4)
+        _row_argmax_kernel[(R, splits)](x, out, out if also is None else also, keys, counts, V, x.stride(0), per,
+                                        splits, BLOCK=BLOCK, ALSO=also is not None, num_warps=4)
     return out
 
 
