@@ -25,7 +25,8 @@ from gptoss.bench import copy_bandwidth_tbs  # noqa: E402
 from gptoss.kernels import gemv, pdl  # noqa: E402
 from gptoss.kernels.gemv import GemvOptions, linear_rows, linear_rows_torch  # noqa: E402
 
-SHAPES = {"qkv": (5120, 2880), "o": (2880, 4096), "router": (32, 2880)}  # (N, K) of gpt-oss-20b
+# (N, K) of gpt-oss-20b; the unembedding (1.16 GB, past any L2) only when asked for: --shapes unembed
+SHAPES = {"qkv": (5120, 2880), "o": (2880, 4096), "router": (32, 2880), "unembed": (201088, 2880)}
 OPTIONS = [GemvOptions(2, 1024, 4, 2),
            GemvOptions(16, 512, 4, 2), GemvOptions(8, 1024, 4, 2), GemvOptions(4, 1024, 4, 2),
            GemvOptions(4, 2048, 8, 2), GemvOptions(2, 2048, 4, 2),
@@ -43,6 +44,7 @@ def main():
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--paths", default="one_row", help="one_row and/or 3d (the two-row form at one row)")
+    ap.add_argument("--shapes", default="qkv,o,router", help="of " + ",".join(SHAPES))
     a = ap.parse_args()
     paths = a.paths.split(",")
     copy = copy_bandwidth_tbs()
@@ -50,12 +52,15 @@ def main():
     print(f"{gpu}: copy bandwidth {copy:.2f} TB/s; rows {a.rows}; {a.layers} weights per timed call")
     print("| shape | method | us | TB/s | % copy | max err vs fp32 twin |")
     print("|---|---|---|---|---|---|")
-    for name, (N, K) in SHAPES.items():
-        ws = [torch.randn(N, K, device="cuda").bfloat16() * 0.02 for _ in range(a.layers)]
+    for name in a.shapes.split(","):
+        N, K = SHAPES[name]
+        ws = [(torch.randn(N, K, device="cuda") * 0.02).bfloat16() for _ in range(a.layers)]
         bs = [torch.randn(N, device="cuda").bfloat16() for _ in range(a.layers)]
         x = torch.randn(a.rows, K, device="cuda").bfloat16()
         ref = linear_rows_torch(x, ws[0], bs[0]).float()
         runs = [("cuBLAS (F.linear)", lambda w, b: F.linear(x, w, b))]
+        if a.rows == 1:
+            runs.append(("cuBLAS gemv (torch.addmv)", lambda w, b: torch.addmv(b, w, x[0])[None]))
         runs += [(f"linear_rows n{o.block_n} k{o.block_k} w{o.num_warps} s{o.num_stages}"
                   + (f" p{o.programs_per_sm}" if o.programs_per_sm else "") + (f" ({p})" if len(paths) > 1 else ""),
                   lambda w, b, o=o: linear_rows(x, w, b, o), p) for o in OPTIONS for p in paths]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss.kernels.gemv import (GemvOptions, linear_rows, linear_rows_route, linear_rows_torch, rms_norm_linear_rows,
-                                 rms_norm_linear_rows_torch)
+from gptoss.kernels.gemv import (GemvOptions, embed_norm_linear_rows, embed_norm_linear_rows_torch, linear_rows,
+                                 linear_rows_route, linear_rows_torch, rms_norm_linear_rows, rms_norm_linear_rows_torch)
 
 def check_against_twin(device: str, dtype: torch.dtype, M: int, N: int, K: int, bias: bool, opts, seed: int):
     g = torch.Generator().manual_seed(seed)
@@ -49,6 +49,35 @@ def check_norm_against_twin(device: str, dtype: torch.dtype, N: int, K: int, res
     for name, a, ref in (("t", t, t_ref), ("y", y, y_ref)):
         err = ((a.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
         assert err <= tol, (name, N, K, opts, err)
+
+
+def check_embed_against_twin(device: str, dtype: torch.dtype, V: int, N: int, K: int, opts, seed: int):
+    """The embedding's row gathered into the norm + GEMV kernel (the first layer's qkv): h the table's
+    row ids[0] exactly, t and y as the twin's (rms_norm then linear_rows_torch), a fresh id a call."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randn(V, K, generator=g).to(dtype).to(device)
+    nw = (1 + 0.1 * torch.randn(K, generator=g)).to(dtype).to(device)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype).to(device)
+    b = torch.randn(N, generator=g).to(dtype).to(device)
+    for _ in range(2):
+        ids = torch.randint(V, (1,), generator=g).to(device)
+        t, h, y = embed_norm_linear_rows(ids, table, nw, 1e-5, w, b, opts)
+        t_ref, h_ref, y_ref = embed_norm_linear_rows_torch(ids, table, nw, 1e-5, w, b)
+        assert torch.equal(h, h_ref) and y.shape == (1, N) and t.dtype == y.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+        for name, a, ref in (("t", t, t_ref), ("y", y, y_ref)):
+            err = ((a.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            assert err <= tol, (name, V, N, K, opts, err)
+
+
+def test_embed_gemv_rejects_bad_ids():
+    table, w, nw = torch.randn(10, 8), torch.randn(4, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="one int64 id"):
+        embed_norm_linear_rows(torch.tensor([1, 2]), table, nw, 1e-5, w)
+    with pytest.raises(ValueError, match="one int64 id"):
+        embed_norm_linear_rows(torch.tensor([1], dtype=torch.int32), table, nw, 1e-5, w)
+    with pytest.raises(ValueError, match="as wide as w's"):
+        embed_norm_linear_rows(torch.tensor([1]), table, nw, 1e-5, torch.randn(4, 6))
 
 
 def check_route_against_twin(device: str, dtype: torch.dtype, N: int, K: int, E: int, opts, seed: int):
@@ -143,6 +172,9 @@ def test_kernel_in_interpreter():
             "                                   (1, 9, 512, O(4, 256, preload=2)), (2, 33, 1000, O(2, 256, preload=4)))):\n"
             "    t.check_against_twin('cpu', torch.float32, M, N, K, True, o, 30 + i)\n"
             "t.check_norm_against_twin('cpu', torch.float32, 24, 300, torch.float32, O(8, 128, preload=3), 40, True)\n"
+            "# the embedding's row gathered in (the first layer's qkv), preloaded and stepped\n"
+            "t.check_embed_against_twin('cpu', torch.float32, 50, 24, 300, O(8, 128, preload=3), 45)\n"
+            "t.check_embed_against_twin('cpu', torch.float32, 7, 33, 1000, O(2, 256), 46)\n"
             "# the o GEMV with the router folded in: preloaded or stepped K, strips past N, 5-40 experts\n"
             "for i, (N, K, E, o) in enumerate(((40, 300, 8, O(2, 128, preload=3)), (96, 256, 32, O(2, 128)),\n"
             "                                  (33, 128, 5, O(4, 64, preload=2)), (70, 512, 40, O(8, 128)))):\n"
@@ -167,6 +199,14 @@ def test_gpu_norm_gemv_matches_twin(res_dtype):
                                    (5120, 2880, QKV_GEMV), (5120, 2880, QKV_NORM_GEMV))):
         check_norm_against_twin("cuda", torch.bfloat16, N, K, res_dtype, o, i)
     check_norm_against_twin("cuda", torch.bfloat16, 32, 2880, res_dtype, ROUTER_GEMV, 9, t_chunk_order=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_embed_gemv_matches_twin():
+    from gptoss.model.gpt_oss import QKV_NORM_GEMV
+    for i, o in enumerate((QKV_NORM_GEMV, GemvOptions())):
+        check_embed_against_twin("cuda", torch.bfloat16, 201088, 5120, 2880, o, 70 + i)
 
 
 @pytest.mark.gpu

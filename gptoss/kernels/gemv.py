@@ -5,11 +5,14 @@ a strip of BLOCK_N output columns over all of K, products summed in fp32.
     t, h, y = rms_norm_linear_rows(x, residual, norm_weight, eps, w, bias)   # the norm fused in, one row
     h, u = linear_rows_route(x, w, bias, residual, norm_weight, router_weight, sums, zero_next)
                                       # one row, the MoE router folded in (gptoss.kernels.router_partials)
+    t, h, y = embed_norm_linear_rows(ids, table, norm_weight, eps, w, bias)   # the embedding's row, normed
 
-Used at one row for the attention projections and the router, where cuBLAS's small-M kernels reach
-55-75% of the copy bandwidth: o [2880, 4096] 9.3 us against 14.4, qkv [5120, 2880] 11.5 against 13.3
-(H100, `benchmarks/bench_gemv.py`: CUDA graphs with PDL); ours also take part in programmatic
-dependent launch (gptoss.kernels.pdl), cuBLAS's do not. At two rows cuBLAS won both.
+Used at one row for the attention projections, the router and the unembedding, where cuBLAS's
+small-M kernels reach 55-75% of the copy bandwidth: o [2880, 4096] 9.3 us against 14.4, qkv [5120,
+2880] 11.5 against 13.3, and even on the unembedding [201088, 2880], which no L2 holds, cuBLAS reads
+2.82 TB/s (410 us) where these strips read 3.16 (367 us; H100, `benchmarks/bench_gemv.py`: CUDA
+graphs with PDL); ours also take part in programmatic dependent launch (gptoss.kernels.pdl),
+cuBLAS's do not. At two rows cuBLAS won qkv and o.
 
 One row (ONE_ROW) keeps everything 2-D: each thread multiplies its 8 contiguous weights of a row by
 the matching 8 inputs and adds them into its own partial sum, so a K step needs no shuffles, shared
@@ -62,12 +65,18 @@ class GemvOptions:
 
 
 @triton.jit
-def _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd):
-    """t[k] = norm(x + r)[k] * nw[k], rounded to t's dtype as the unfused kernels store it, in fp32."""
-    k_mask = k < K
-    hk = (tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-          + tl.load(r_ptr + k, mask=k_mask, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
-    tk = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32) * (hk.to(tl.float32) * rstd)
+def _row_h(x_ptr, r_ptr, h_ptr, k, K, RES: tl.constexpr):
+    """h[k] = x + r (RES) or x, rounded to h's dtype, in fp32."""
+    hk = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    if RES:
+        hk += tl.load(r_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    return hk.to(h_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd, RES: tl.constexpr):
+    """t[k] = norm(h)[k] * nw[k] (h: _row_h), rounded to t's dtype as the unfused kernels store it, in fp32."""
+    tk = tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32) * (_row_h(x_ptr, r_ptr, h_ptr, k, K, RES) * rstd)
     return tk.to(t_ptr.dtype.element_ty).to(tl.float32)
 
 
@@ -79,10 +88,10 @@ def _w_tile(w_ptr, n, k, N, K, stride_wn):
 
 
 @triton.jit
-def _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd, NORM: tl.constexpr):
+def _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd, NORM: tl.constexpr, RES: tl.constexpr = True):
     """One row's inputs at K positions k in fp32: x, or NORM the normed t."""
     if NORM:
-        return _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd)
+        return _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd, RES)
     else:
         return tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
 
@@ -140,7 +149,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
                  NORM: tl.constexpr, KP: tl.constexpr, PDL: tl.constexpr, ONE_ROW: tl.constexpr = False,
                  VEC: tl.constexpr = 8, T_CHUNK: tl.constexpr = False, PRE: tl.constexpr = 1,
                  ROUTE: tl.constexpr = False, E_W: tl.constexpr = 1, SLOTS: tl.constexpr = 1,
-                 E_R: tl.constexpr = 1, ROUTE_EARLY: tl.constexpr = False):
+                 E_R: tl.constexpr = 1, ROUTE_EARLY: tl.constexpr = False, ids_ptr=None,
+                 GATHER: tl.constexpr = False, RES: tl.constexpr = True):
     # strips of BLOCK_N output columns, pid, pid + P, ...; each K step's weight load is issued before
     # the previous step's math, and past a strip's last step it loads the next strip's first (the
     # load after the last strip fully masked). The weights do not depend on the kernel before: the
@@ -152,7 +162,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
     # ROUTE (one row, the o projection): the router folded in (gptoss.kernels.router_partials); r, nw,
     # t and h are then the output's: h = r + y, u = nw * h into t (chunk order), the router's partial
     # sums into sums_ptr, and program 0 zeroes the next layer's (zero_ptr, SLOTS x E_W floats).
+    # GATHER (NORM, one row, no residual): x is the row ids_ptr[0] of a table (x_ptr, rows stride_xm
+    # apart), read once the kernel before (which writes the id) has ended: the embedding and the first
+    # layer's norm folded into its qkv projection.
     tl.static_assert(not (ROUTE and NORM), "ROUTE and NORM: the norm is on one side of the GEMV")
+    tl.static_assert(not GATHER or (NORM and ONE_ROW and not RES), "GATHER: one row through the norm, no residual")
     P = tl.num_programs(0)
     n_strips = tl.cdiv(N, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
@@ -172,6 +186,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
     if ROUTE & ROUTE_EARLY:  # weights: before the wait, with the GEMV's (the epilogue then waits on none)
         rb, rnw, rwr = _route_weights(n, N, b_ptr, nw_ptr, wr_ptr, stride_wr, E, HAS_BIAS, E_R)
     pdl_enter(PDL)
+    if GATHER:
+        x_ptr += tl.load(ids_ptr).to(tl.int64) * stride_xm
     if ROUTE:
         if tl.program_id(0) == 0:
             z = tl.arange(0, SLOTS * E_W)
@@ -179,25 +195,24 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
     rstd = 0.0
     if NORM:
         ks = tl.arange(0, KP)
-        hv = (tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
-              + tl.load(r_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
-        hv = hv.to(tl.float32)
+        hv = _row_h(x_ptr, r_ptr, h_ptr, ks, K, RES)
         rstd = 1.0 / tl.sqrt(tl.sum(hv * hv, axis=0) / K + eps)
         if tl.program_id(0) == 0:
             tl.store(h_ptr + ks, hv.to(h_ptr.dtype.element_ty), mask=ks < K)
             t_at = _chunk_pos(ks) if T_CHUNK else ks
-            tl.store(t_ptr + t_at, _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, ks, K, rstd).to(t_ptr.dtype.element_ty),
-                     mask=ks < K)
+            tl.store(t_ptr + t_at, _row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, ks, K, rstd, RES).to(
+                t_ptr.dtype.element_ty), mask=ks < K)
     if PRE >= 2:
         acc1 = tl.zeros((BLOCK_N, BLOCK_K // VEC), tl.float32)
-        acc1 = _dot_row(acc1, w, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, kk, K, rstd, NORM), BLOCK_N, BLOCK_K, VEC)
-        acc1 = _dot_row(acc1, w1, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, BLOCK_K + kk, K, rstd, NORM),
+        acc1 = _dot_row(acc1, w, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, kk, K, rstd, NORM, RES),
+                        BLOCK_N, BLOCK_K, VEC)
+        acc1 = _dot_row(acc1, w1, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, BLOCK_K + kk, K, rstd, NORM, RES),
                         BLOCK_N, BLOCK_K, VEC)
         if PRE >= 3:
-            acc1 = _dot_row(acc1, w2, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, 2 * BLOCK_K + kk, K, rstd, NORM),
+            acc1 = _dot_row(acc1, w2, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, 2 * BLOCK_K + kk, K, rstd, NORM, RES),
                             BLOCK_N, BLOCK_K, VEC)
         if PRE >= 4:
-            acc1 = _dot_row(acc1, w3, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, 3 * BLOCK_K + kk, K, rstd, NORM),
+            acc1 = _dot_row(acc1, w3, _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, 3 * BLOCK_K + kk, K, rstd, NORM, RES),
                             BLOCK_N, BLOCK_K, VEC)
         if ROUTE:
             if not ROUTE_EARLY:
@@ -217,10 +232,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + kk
                 if ONE_ROW:
-                    x1 = _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd, NORM)
+                    x1 = _x_row(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd, NORM, RES)
                 else:
                     if NORM:
-                        x = tl.broadcast_to(_row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd)[None, :],
+                        x = tl.broadcast_to(_row_t(x_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, k, K, rstd, RES)[None, :],
                                             (BLOCK_M, BLOCK_K))
                     else:
                         x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :],
@@ -244,10 +259,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
                 _store_strip(acc, b_ptr, y_ptr, m, m_mask, n, N, stride_ym, HAS_BIAS)
 
 
-def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False, route=None) -> None:
+def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False, route=None, ids=None) -> None:
     """The GEMV over x's rows, or (norm = (residual, norm_weight, eps, t, h)) over rms_norm(x + residual),
-    or (route = (residual, norm_weight, u, h, router_weight, sums, zero_next)) with the router folded in."""
+    or (route = (residual, norm_weight, u, h, router_weight, sums, zero_next)) with the router folded in.
+    ids (with norm, its residual None): x is a table, the row its row ids[0]."""
     M, K = x.shape
+    if ids is not None:
+        M = 1
     N = w.shape[0]
     one_row = ONE_ROW_PATH and M == 1
     pre = opts.preload if one_row else 1
@@ -258,6 +276,8 @@ def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False, 
     if opts.programs_per_sm:
         grid = min(grid, opts.programs_per_sm * sm_count(x.device))
     r, nw, eps, t, h = norm if norm is not None else (x, x, 0.0, x, x)
+    if r is None:
+        r = x
     wr, sums, zero, e_w = x, x, x, 1
     if route is not None:
         r, nw, t, h, wr, sums, zero = route
@@ -269,6 +289,7 @@ def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False, 
         KP=triton.next_power_of_2(K), ONE_ROW=one_row, VEC=min(8, opts.block_k), T_CHUNK=t_chunk, PRE=pre,
         ROUTE=route is not None, E_W=e_w, SLOTS=sums.shape[0] if route is not None else 1,
         E_R=triton.next_power_of_2(wr.shape[0]), ROUTE_EARLY=ROUTE_WEIGHTS_EARLY and pre > 1,
+        ids_ptr=ids if ids is not None else x, GATHER=ids is not None, RES=norm is None or norm[0] is not None,
         num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
 
 
@@ -305,6 +326,25 @@ def rms_norm_linear_rows(x: torch.Tensor, residual: torch.Tensor, norm_weight: t
     return t, h, y
 
 
+def embed_norm_linear_rows(ids: torch.Tensor, table: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                           w: torch.Tensor, bias: torch.Tensor | None = None, opts: GemvOptions | None = None):
+    """One token: (t, h, y) with h = table[ids[0]] (the embedding), t = rms_norm(h) * norm_weight and
+    y = t @ w^T + bias, in one kernel that reads the id once the kernel before has written it (under
+    PDL its weights stream meanwhile): rms_norm_linear_rows of the embedded row, no residual."""
+    V, K = table.shape
+    if ids.shape != (1,) or ids.dtype != torch.int64 or w.shape[1] != K or norm_weight.shape != (K,):
+        raise ValueError(f"embed_norm_linear_rows: ids {tuple(ids.shape)} {ids.dtype}, table {tuple(table.shape)}, "
+                         f"norm weight {tuple(norm_weight.shape)}, w {tuple(w.shape)}: one int64 id, the "
+                         "table's rows as wide as w's")
+    if not (table.is_contiguous() and w.stride(-1) == 1):
+        raise ValueError("embed_norm_linear_rows: the table and w's rows must be contiguous")
+    t = torch.empty(1, K, dtype=table.dtype, device=table.device)
+    h = torch.empty_like(t)
+    y = torch.empty(1, w.shape[0], dtype=table.dtype, device=table.device)
+    _launch(table, w, bias, y, opts or GemvOptions(), (None, norm_weight, eps, t, h), ids=ids)
+    return t, h, y
+
+
 def linear_rows_route(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
                       norm_weight: torch.Tensor, router_weight: torch.Tensor, sums: torch.Tensor,
                       zero_next: torch.Tensor, opts: GemvOptions | None = None):
@@ -338,6 +378,14 @@ def linear_rows_torch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | Non
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def embed_norm_linear_rows_torch(ids: torch.Tensor, table: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                                 w: torch.Tensor, bias: torch.Tensor | None = None, opts: GemvOptions | None = None):
+    from .rmsnorm import rms_norm_torch
+    h = table[ids]
+    t = rms_norm_torch(h, norm_weight, eps)
+    return t, h, linear_rows_torch(t, w, bias)
 
 
 def rms_norm_linear_rows_torch(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,

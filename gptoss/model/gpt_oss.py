@@ -16,7 +16,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..engine.forward_context import get_forward_context
 from ..kernels.attention import rope_kv_attention
-from ..kernels.gemv import GemvOptions, linear_rows, linear_rows_route, rms_norm_linear_rows
+from ..kernels import gemv as gemv_module  # (its switches, read at call time)
+from ..kernels.gemv import GemvOptions, embed_norm_linear_rows, linear_rows, linear_rows_route, rms_norm_linear_rows
 from ..kernels.router_partials import RouterPartials, new_sums
 from ..kernels.rmsnorm import rms_norm
 from ..moe import MoESpec, MoEWeights
@@ -31,6 +32,9 @@ GEMV_ROUTER = True
 GEMV_QKV = True
 NORM_ROUTER = True  # one-row steps: the MLP's norm inside the router GEMV (one kernel less a layer)
 NORM_QKV = True     # one-row steps: the attention's norm inside the qkv GEMV (one kernel less a layer)
+# one-token steps: the embedding's row gathered by the first layer's qkv GEMV, with its norm (two
+# kernels less a step, and the qkv weights stream under PDL while the graph's first kernel reads the step)
+EMBED_QKV = True
 CHUNK_ORDER_T = True  # one-row steps: the router kernel writes the MoE's input in moe_token's chunk order
 # one-row steps through moe_token: the router folded into the o projection (gptoss.kernels.router_partials),
 # no router kernel; gate_up and down finish its partial sums
@@ -49,6 +53,13 @@ QKV_NORM_GEMV = GemvOptions(block_n=8)
 # while attention runs (it lets o launch before its own wait: attention.TRIGGER_EARLY). Wider K steps
 # measured slower in the step
 O_GEMV = GemvOptions(preload=4)
+# the first layer's qkv with the embedding gathered in (EMBED_QKV): as qkv with its norm
+EMBED_QKV_GEMV = QKV_NORM_GEMV
+# one-row logits: the unembedding [201088, 2880] through linear_rows, two columns a program: 367 us
+# against cuBLAS's 410 (F.linear and addmv alike; H100, `benchmarks/bench_gemv.py --shapes unembed
+# --layers 1`: 3.16 TB/s of weights, where a copy moves 2.85), and it takes part in PDL
+GEMV_UNEMBED = True
+UNEMBED_GEMV = GemvOptions()
 
 
 def _gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -99,15 +110,20 @@ class AttentionBlock(nn.Module):
         self.out_weight = _param(config.hidden_size, q, dtype=dtype, device=device)
         self.out_bias = _param(config.hidden_size, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor, route=None):
+    def forward(self, x: torch.Tensor | None, delta: torch.Tensor | None, positions: torch.Tensor, route=None,
+                embed=None):
         """(residual stream, the previous block's output not yet added, in any float dtype) -> the
         same pair after this block: the add is folded into this block's norm. route (one row, no TP:
         MLPBlock.route_args): the o projection also adds the residual and starts the MLP's router,
-        and returns (h, u) (linear_rows_route)."""
+        and returns (h, u) (linear_rows_route). embed (x None: Transformer.embeds): (ids, table), the
+        one token's embedding row gathered by the qkv GEMV itself."""
         ctx = get_forward_context()
-        gemv = GEMV_QKV and _gemv_ok(x, self.qkv_weight)
+        gemv = embed is not None or GEMV_QKV and _gemv_ok(x, self.qkv_weight)
         with stage("attn.qkv"):
-            if gemv and NORM_QKV and delta is not None:
+            if embed is not None:
+                _, x, qkv = embed_norm_linear_rows(*embed, self.norm.weight, self.norm.eps, self.qkv_weight,
+                                                   self.qkv_bias, _covering(EMBED_QKV_GEMV, self.qkv_weight.shape[1]))
+            elif gemv and NORM_QKV and delta is not None:
                 _, x, qkv = rms_norm_linear_rows(x, delta, self.norm.weight, self.norm.eps, self.qkv_weight,
                                                  self.qkv_bias, QKV_NORM_GEMV)
             else:
@@ -237,11 +253,12 @@ class TransformerBlock(nn.Module):
         self.attn = AttentionBlock(config, layer_idx, rope, par, dtype, device)
         self.mlp = MLPBlock(config, spec, par, dtype, device)
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor):
-        route = self.mlp.route_args(x)
+    def forward(self, x: torch.Tensor | None, delta: torch.Tensor | None, positions: torch.Tensor, embed=None):
+        """embed (the first block of a one-token step, x None): (ids, table), gathered by the qkv GEMV."""
+        route = self.mlp.route_args(x if embed is None else embed[1][:1])  # (a table row: one row's shape)
         if route is not None:
-            return self.mlp.forward_routed(*self.attn(x, delta, positions, route))
-        return self.mlp(*self.attn(x, delta, positions))
+            return self.mlp.forward_routed(*self.attn(x, delta, positions, route, embed))
+        return self.mlp(*self.attn(x, delta, positions, embed=embed))
 
 
 class Transformer(nn.Module):
@@ -274,17 +291,28 @@ class Transformer(nn.Module):
         """-> the hidden states [T, H], or with logits every row's logits [T, vocab]: the decode graphs,
         whose rows all sample, so the last block's residual add runs inside the final norm's kernel
         (eager steps unembed only their sampling rows, through compute_logits)."""
-        x, delta = F.embedding(input_ids, self.embedding), None  # [T, H]
+        embed = (input_ids, self.embedding) if self.embeds(input_ids) else None
+        x, delta = None if embed else F.embedding(input_ids, self.embedding), None  # [T, H]
         for layer in self.layers:
-            x, delta = layer(x, delta, positions)
+            x, delta = layer(x, delta, positions, embed)
+            embed = None
         if logits:
             return self.compute_logits(x, delta)
         return (x + delta).to(x.dtype)  # delta may be a float32 MoE sum
+
+    def embeds(self, input_ids: torch.Tensor) -> bool:
+        """Whether the first block's qkv GEMV gathers the embedding row itself: one token on the GPU,
+        through the GEMV with the norm (EMBED_QKV)."""
+        w = self.layers[0].attn.qkv_weight if self.layers else None
+        return (EMBED_QKV and GEMV_QKV and NORM_QKV and gemv_module.ONE_ROW_PATH and w is not None
+                and input_ids.shape == (1,) and input_ids.dtype == torch.int64 and _gemv_ok(self.embedding[:1], w))
 
     def compute_logits(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [S, H] (the rows that sample; with residual, hidden + residual, summed inside the norm's
         kernel) -> logits [S, vocab] in the model dtype: the sampler takes the argmax of greedy rows as
         they are and makes an fp32 copy only when it edits them."""
         with stage("unembed"):
-            return F.linear(self.norm(hidden) if residual is None else self.norm(hidden, residual)[0],
-                            self.unembedding)
+            t = self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
+            if GEMV_UNEMBED and _gemv_ok(t, self.unembedding):
+                return linear_rows(t, self.unembedding, None, UNEMBED_GEMV)
+            return F.linear(t, self.unembedding)
