@@ -52,6 +52,18 @@ def _store_table(dst_ptr, blk, idx, at, W):
 
 
 @triton.jit
+def _store_row(tokens_ptr, ids_ptr, pos_ptr, slots_ptr, seq_lens_ptr, i, tok, hit, pos, slot, seq_len):
+    """Row i's token (the step before's at row hit - 1 when hit > 0: a pending one), position, slot
+    and length into the graph's buffers."""
+    if hit > 0:
+        tok = tl.load(tokens_ptr + hit - 1)
+    tl.store(ids_ptr + i, tok)
+    tl.store(pos_ptr + i, pos)
+    tl.store(slots_ptr + i, slot)
+    tl.store(seq_lens_ptr + i, seq_len.to(tl.int32))
+
+
+@triton.jit
 def _decode_inputs_kernel(flat_ptr, tokens_ptr, ids_ptr, pos_ptr, slots_ptr, seq_lens_ptr, tables_ptr,
                           swa_slots_ptr, swa_tables_ptr, stride_t, stride_st, HAS_SWA: tl.constexpr,
                           HEADER: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -90,12 +102,7 @@ def _decode_inputs_kernel(flat_ptr, tokens_ptr, ids_ptr, pos_ptr, slots_ptr, seq
             # position i's index among the pending ones, plus 1 (0: not pending), then its row there
             j = tl.sum(tl.where((f >= o_pend) & (f < o_pend + P) & (blk == i), f - o_pend + 1, 0), axis=0)
             hit = tl.where(j > 0, _pick(blk, f, o_pend + P + j - 1) + 1, 0)
-            if hit > 0:
-                tok = tl.load(tokens_ptr + hit - 1)
-            tl.store(ids_ptr + i, tok)
-            tl.store(pos_ptr + i, pos)
-            tl.store(slots_ptr + i, slot)
-            tl.store(seq_lens_ptr + i, seq_len.to(tl.int32))
+            _store_row(tokens_ptr, ids_ptr, pos_ptr, slots_ptr, seq_lens_ptr, i, tok, hit, pos, slot, seq_len)
             _store_table(tables_ptr + i64 * stride_t, blk, f, o_tables + i * W, W)
             if HAS_SWA:
                 if swa != 0:
@@ -116,12 +123,7 @@ def _decode_inputs_kernel(flat_ptr, tokens_ptr, ids_ptr, pos_ptr, slots_ptr, seq
                 swa_slot = tl.load(flat_ptr + o_swa_slots + i + w, mask=on & (w == 0), other=0)
                 swa0 = tl.load(flat_ptr + o_tables + (B + i) * W + w, mask=on & m0)
             hit = tl.sum(tl.where(at == i, row + 1, 0), axis=0)  # 1 + the pending row of position i, or 0
-            if hit > 0:
-                tok = tl.load(tokens_ptr + hit - 1)
-            tl.store(ids_ptr + i, tok)
-            tl.store(pos_ptr + i, pos)
-            tl.store(slots_ptr + i, slot)
-            tl.store(seq_lens_ptr + i, seq_len.to(tl.int32))
+            _store_row(tokens_ptr, ids_ptr, pos_ptr, slots_ptr, seq_lens_ptr, i, tok, hit, pos, slot, seq_len)
             tl.store(tables_ptr + i64 * stride_t + w, table0.to(tl.int32), mask=m0)
             for c in range(BLOCK_W, W, BLOCK_W):  # tables wider than a block (contexts past BLOCK_W blocks)
                 m = c + w < W
