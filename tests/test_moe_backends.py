@@ -777,6 +777,9 @@ def test_triton_backend_takes_router_partials_interpreted(interp):
     w = random_weights(spec, g)
     m = interp.backends.TritonMoE(w, spec, torch.bfloat16)
     assert m.takes_router_partials(1) and not m.takes_router_partials(2)
+    big = MoESpec(num_experts=64, top_k=4, hidden_size=64, intermediate_size=64)  # past PARTIALS_MAX_EXPERTS
+    big_w = random_weights(big, torch.Generator().manual_seed(71))
+    assert not interp.backends.TritonMoE(big_w, big, torch.bfloat16).takes_router_partials(1)
     p, u, x, lg = exact_partials(8, 64, 3, g, "cpu")
     out = m.forward_sum(T_.chunk_order(u), None, x_chunk_order=True, router_partials=p)
     assert_backend_close(out, torch_backend(w, spec).forward(x, lg), "bf16")

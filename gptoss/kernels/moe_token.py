@@ -65,6 +65,12 @@ from .pdl import pdl_enter
 from .router_partials import SLOTS, _finish_logits, width
 
 _SLOTS = tl.constexpr(SLOTS)
+# the router's partial sums pay only where one warp's keys rank the experts (_key_topk): ranked on a
+# [E, E] tile before every program's first load, the 120b's 128 experts made a batch-1 token on an
+# H200 4.431 ms against 2.181 with the router kernel (`scripts/ab_decode.py --ckpt /tmp/gptoss-120b
+# --replay --batch 1 --set "kernels.moe_token.PARTIALS_MAX_EXPERTS=128"`; the kernels still take
+# partials past it, the tests check them)
+PARTIALS_MAX_EXPERTS = 32
 
 
 @dataclass(frozen=True)

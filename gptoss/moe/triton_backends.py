@@ -202,8 +202,9 @@ class _TritonMoE(MoEBackend):
         return num_tokens == 1 and INLINE_ROUTING and self._token_kernels
 
     def takes_router_partials(self, num_tokens: int) -> bool:
-        """One token through moe_token: its gate_up and down finish the router's partial sums."""
-        return self.takes_chunk_order(num_tokens)
+        """One token through moe_token, of a router one warp's keys rank (moe_token.PARTIALS_MAX_EXPERTS):
+        its gate_up and down finish the router's partial sums."""
+        return self.takes_chunk_order(num_tokens) and self.spec.num_experts <= moe_token.PARTIALS_MAX_EXPERTS
 
     def forward_sum(self, x: torch.Tensor, router_logits: torch.Tensor | None, x_chunk_order: bool = False,
                     router_partials=None) -> torch.Tensor:
