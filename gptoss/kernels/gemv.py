@@ -262,7 +262,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, t_ptr, h_ptr, M, N, 
 def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False, route=None, ids=None) -> None:
     """The GEMV over x's rows, or (norm = (residual, norm_weight, eps, t, h)) over rms_norm(x + residual),
     or (route = (residual, norm_weight, u, h, router_weight, sums, zero_next)) with the router folded in.
-    ids (with norm, its residual None): x is a table, the row its row ids[0]."""
+    ids (with norm, its residual None: no residual is added): x is a table, the row its row ids[0]."""
     M, K = x.shape
     if ids is not None:
         M = 1
@@ -289,7 +289,7 @@ def _launch(x, w, bias, y, opts: GemvOptions, norm=None, t_chunk: bool = False, 
         KP=triton.next_power_of_2(K), ONE_ROW=one_row, VEC=min(8, opts.block_k), T_CHUNK=t_chunk, PRE=pre,
         ROUTE=route is not None, E_W=e_w, SLOTS=sums.shape[0] if route is not None else 1,
         E_R=triton.next_power_of_2(wr.shape[0]), ROUTE_EARLY=ROUTE_WEIGHTS_EARLY and pre > 1,
-        ids_ptr=ids if ids is not None else x, GATHER=ids is not None, RES=norm is None or norm[0] is not None,
+        ids_ptr=ids if ids is not None else x, GATHER=ids is not None, RES=ids is None,
         num_warps=opts.num_warps, num_stages=opts.num_stages, **pdl.args())
 
 

@@ -24,8 +24,8 @@ and writes topk_ids / topk_weights for down) or `partial_routing`'s: the router 
 projection (gptoss.kernels.router_partials), whose partial sums gate_up and down finish into the
 logits and the norm's rstd themselves, x then being u = norm weight * h, which gate_up's row sums
 scale by the rstd; no router kernel runs (H100, batch-1 step: 1.676 against 1.725 ms). w1 / w2 are
-"fragments" weights whose block scales all fit one multiply (`MXFP4Weight.upcast_mode == 2`: scales <= 128, true of the random checkpoints and, by
-their magnitudes, of gpt-oss's). `supported(w)` says whether a backend may call these; the "triton"
+"fragments" weights whose block scales all fit one multiply (`MXFP4Weight.upcast_mode == 2`: scales
+<= 128, true of the random checkpoints and, by their magnitudes, of gpt-oss's). `supported(w)` says whether a backend may call these; the "triton"
 backend does at one token (`moe.triton_backends.TOKEN_KERNELS`).
 
 How: a lane's 16 bytes of a 64-deep K chunk are one vector load (the fragments layout puts them

@@ -9,7 +9,9 @@ squares, logits = rstd * sums + b rounded to the logits' bf16 as the router GEMV
 (`_finish_logits`). The MoE's input is u = g * h (bf16, moe_token's chunk order), and gate_up
 multiplies its rows' sums by rstd, so no kernel writes t itself. H100, 20b batch-1 step (graph
 replays, `scripts/ab_decode.py --replay --switch ROUTER_IN_O`): 1.676 ms against 1.725 with the
-router kernel; what decides it is how cheaply the MoE kernels finish the sums (moe_token._key_topk).
+router kernel; what decides it is how cheaply the MoE kernels finish the sums (moe_token._key_topk),
+so the triton backend takes the fold only for routers of up to moe_token.PARTIALS_MAX_EXPERTS (32)
+experts: the 120b's 128, ranked on a tile, lost by half a step.
 
     sums [SLOTS, width(E)] float32, zero before the o GEMV: row s takes the atomics of the o programs
         p with p % SLOTS == s (fewer atomics a cell, so they do not queue at the end of o); column e < E
